@@ -1,0 +1,15 @@
+"""RLRR adapters for timm Vision Transformers: the contract shared by `trainer` and `app`.
+
+    from adapters import RLRRConfig, add_rlrr, merge_rlrr, MultiTaskViT, save_adapter, load_adapter
+"""
+from .config import RLRRConfig
+from .inject import adapter_shapes, adapter_state_dict, add_rlrr, backbone_fingerprint, plan_targets
+from .io import Adapter, AdapterError, load_adapter, save_adapter
+from .merge import fold_adapter, merge_rlrr
+from .multitask import MultiTaskViT
+
+__all__ = [
+    "RLRRConfig", "add_rlrr", "merge_rlrr", "MultiTaskViT", "save_adapter", "load_adapter",
+    "Adapter", "AdapterError", "adapter_state_dict", "adapter_shapes", "backbone_fingerprint",
+    "fold_adapter", "plan_targets",
+]

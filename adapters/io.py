@@ -1,0 +1,282 @@
+"""The on-disk adapter: a folder with adapter_config.json + adapter_model.safetensors.
+
+Both the trainer (writes) and the server (reads) use only these two functions. Writes are atomic:
+the folder is built under a temporary name beside the target and renamed into place, so a crash
+leaves either the old adapter or the new one, never a mix. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RLRRConfig
+from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint
+
+__all__ = ["Adapter", "AdapterError", "save_adapter", "load_adapter", "FORMAT_VERSION",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
+
+FORMAT_VERSION = 1
+METHOD = "rlrr"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_REQUIRED = ("format_version", "method", "rlrr_config", "base_model", "backbone_fingerprint",
+             "num_classes", "labels", "weights_sha256")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used; the message says exactly why."""
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: its tensors and everything needed to serve them."""
+
+    config: RLRRConfig
+    tensors: dict[str, torch.Tensor]
+    num_classes: int
+    labels: list[str]
+    base_model: str
+    fingerprint: str
+    data_config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    path: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture"), cfg.get("tag")
+    if not arch:
+        raise ValueError("cannot tell the model's timm name; pass base_model=")
+    return f"{arch}.{tag}" if tag else arch
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def save_adapter(
+        model_or_tensors: nn.Module | dict[str, torch.Tensor],
+        directory: str | os.PathLike,
+        *,
+        base_model: str | None = None,
+        config: RLRRConfig | None = None,
+        fingerprint: str | None = None,
+        num_classes: int | None = None,
+        labels: list[str] | None = None,
+        data_config: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write an adapter folder atomically (replacing any adapter already there).
+
+    Args:
+        model_or_tensors: A model wrapped by `add_rlrr` (everything else is read from it), or the
+            adapter's tensors (then config, fingerprint and num_classes are required).
+        directory: The adapter folder, e.g. `store/dtd`.
+        base_model: timm name of the backbone (with pretrained tag).
+        config: The adapter configuration.
+        fingerprint: `backbone_fingerprint` of the frozen backbone.
+        num_classes: Classes of the head.
+        labels: Class names, one per class; '0', '1', ... when None.
+        data_config: Preprocessing (timm data config) the task expects.
+        metadata: Free-form training metadata (metrics, recipe, seed, timing ...).
+    """
+    if isinstance(model_or_tensors, nn.Module):
+        model = model_or_tensors
+        if not hasattr(model, "rlrr_config"):
+            raise ValueError("model has no RLRR adapter (add_rlrr was not called on it)")
+        tensors = adapter_state_dict(model)
+        config = config or model.rlrr_config
+        fingerprint = fingerprint or backbone_fingerprint(model)
+        num_classes = num_classes or model.head.out_features
+        base_model = base_model or _model_name(model)
+        if data_config is None:
+            from timm.data import resolve_model_data_config
+            data_config = resolve_model_data_config(model)
+    else:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model_or_tensors.items()}
+        missing = [n for n, v in (("config", config), ("fingerprint", fingerprint),
+                                  ("num_classes", num_classes), ("base_model", base_model)) if v is None]
+        if missing:
+            raise ValueError(f"saving raw tensors needs {', '.join(missing)}")
+    labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+    _check_tensors(tensors, num_classes, labels)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        weights = tmp / WEIGHTS_NAME
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "method": METHOD,
+            "library": "rlrr-serve",
+            "rlrr_config": config.to_dict(),
+            "base_model": base_model,
+            "backbone_fingerprint": fingerprint,
+            "num_classes": num_classes,
+            "labels": labels,
+            "data_config": _jsonable(data_config or {}),
+            "metadata": _jsonable(metadata or {}),
+            "weights_sha256": _sha256(weights),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        for f in (weights, tmp / CONFIG_NAME):
+            _fsync(f)
+        _swap_into_place(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    """Rename the finished folder into place; an old adapter is moved aside, then removed."""
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{id(tmp)}"
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], num_classes: int, labels: list[str]) -> None:
+    if len(labels) != num_classes:
+        raise AdapterError(f"{len(labels)} labels for {num_classes} classes")
+    head = tensors.get("head.weight")
+    if head is None or head.dim() != 2 or head.shape[0] != num_classes:
+        got = None if head is None else tuple(head.shape)
+        raise AdapterError(f"head.weight must have shape ({num_classes}, D), got {got}")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"tensor '{name}' has dtype {t.dtype}, expected floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"tensor '{name}' holds non-finite values (NaN or inf)")
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise AdapterError(f"no adapter at {directory}: not a directory")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise AdapterError(f"{path} must hold a JSON object")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: unknown format_version {doc.get('format_version')!r} (this library reads {FORMAT_VERSION})")
+    missing = [k for k in _REQUIRED if k not in doc]
+    if missing:
+        raise AdapterError(f"{path} lacks the fields {missing}")
+    if doc["method"] != METHOD:
+        raise AdapterError(f"{path}: method {doc['method']!r} is not {METHOD!r}")
+    return doc
+
+
+def load_adapter(
+        directory: str | os.PathLike,
+        backbone: nn.Module | None = None,
+        fingerprint: str | None = None,
+) -> Adapter:
+    """Read and validate an adapter folder.
+
+    Args:
+        directory: The adapter folder.
+        backbone: When given, the adapter must have been trained on exactly these frozen weights,
+            and its tensors must have the shapes this backbone needs.
+        fingerprint: The backbone's fingerprint, if already computed (skips hashing it again).
+
+    Raises:
+        AdapterError: Missing or corrupt files, unknown format version, another backbone, wrong
+            shapes or non-finite values; the message names the problem.
+    """
+    directory = Path(directory)
+    doc = _read_config(directory)
+    try:
+        config = RLRRConfig.from_dict(doc["rlrr_config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{directory / CONFIG_NAME}: invalid rlrr_config: {e}") from None
+    num_classes = doc["num_classes"]
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise AdapterError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if backbone is not None or fingerprint is not None:
+        expected = fingerprint or backbone_fingerprint(backbone)
+        if doc["backbone_fingerprint"] != expected:
+            raise AdapterError(
+                f"adapter {directory.name} was trained on backbone '{doc['base_model']}' with fingerprint "
+                f"{str(doc['backbone_fingerprint'])[:12]}…, but the given backbone's is {expected[:12]}…")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{weights} is missing")
+    if _sha256(weights) != doc["weights_sha256"]:
+        raise AdapterError(f"{weights} does not match the checksum in {CONFIG_NAME} (corrupt or truncated)")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+    _check_tensors(tensors, num_classes, list(doc["labels"]))
+    if backbone is not None:
+        _check_shapes(tensors, adapter_shapes(backbone, config, num_classes), directory)
+    return Adapter(
+        config=config, tensors=tensors, num_classes=num_classes, labels=list(doc["labels"]),
+        base_model=doc["base_model"], fingerprint=doc["backbone_fingerprint"],
+        data_config=doc.get("data_config", {}), metadata=doc.get("metadata", {}),
+        format_version=doc["format_version"], path=directory,
+    )
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    wrong = [f"{k}: {tuple(tensors[k].shape)} != {shapes[k]}" for k in shapes
+             if k in tensors and tuple(tensors[k].shape) != shapes[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"unexpected {extra[:5]}{' …' if len(extra) > 5 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong[:5]}")
+    if problems:
+        raise AdapterError(f"adapter {where.name} does not fit this backbone: " + "; ".join(problems))
+

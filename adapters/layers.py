@@ -1,0 +1,97 @@
+"""Layer wrappers: keep `base_layer` untouched, add the task's vectors, call rlrr.py."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import rlrr
+from .config import RLRRConfig
+
+__all__ = ["RLRRLinear", "SSFLayer", "ADAPTER_PARAM_TAGS", "is_adapter_key"]
+
+# Every adapter tensor's name ends with one of these, so it can be told from backbone weights.
+ADAPTER_PARAM_TAGS = ("rlrr_l", "rlrr_c", "rlrr_s", "ssf_scale", "ssf_shift")
+
+
+def is_adapter_key(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARAM_TAGS
+
+
+class RLRRLinear(nn.Module):
+    """A frozen nn.Linear with RLRR rescaling: W ⊙ (1 + l cᵀ), b + s."""
+
+    def __init__(self, base_layer: nn.Linear, config: RLRRConfig, groups: int = 1) -> None:
+        """
+        Args:
+            base_layer: The frozen linear; its tensors are never written.
+            config: Which vectors exist and how they start.
+            groups: Column vectors, one per block of out/groups rows (3 for a fused qkv).
+        """
+        super().__init__()
+        out_f, in_f = base_layer.out_features, base_layer.in_features
+        if out_f % groups:
+            raise ValueError(f"{out_f} output rows do not split into {groups} groups")
+        self.base_layer = base_layer
+        self.residual = config.residual
+        self.rlrr_l = nn.Parameter(torch.empty(out_f)) if config.left else None
+        self.rlrr_c = nn.Parameter(torch.empty(groups, in_f)) if config.right else None
+        # No base bias means no slot to fold a shift into, so no shift (keeps merge exact).
+        has_s = config.bias_shift and base_layer.bias is not None
+        self.rlrr_s = nn.Parameter(torch.zeros(out_f)) if has_s else None
+        self.reset_parameters(config.init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str) -> None:
+        l, c, s = self.rlrr_l, self.rlrr_c, self.rlrr_s
+        if not self.residual:
+            # W ⊙ (l cᵀ): ones are the identity. 'reference' adds SSF's N(1, .02) / N(0, .02) noise.
+            noisy = init == "reference"
+            for v in (l, c):
+                if v is not None:
+                    v.normal_(1.0, 0.02) if noisy else v.fill_(1.0)
+            if s is not None:
+                s.normal_(0.0, 0.02) if noisy else s.zero_()
+            return
+        # Reference code: c ~ kaiming-uniform with fan_in = in, l ~ kaiming-uniform with fan_in = 1.
+        if c is not None:
+            nn.init.kaiming_uniform_(c, a=math.sqrt(5))  # (g, in): fan_in = in
+        if l is not None:
+            nn.init.kaiming_uniform_(l.view(-1, 1), a=math.sqrt(5))  # fan_in = 1: U(-1, 1)
+        if s is not None:
+            s.zero_()
+        if init == "identity":
+            # l cᵀ = 0 with one side zero; the other stays random so the zero side gets gradients.
+            (l if l is not None else c).zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        return rlrr.rescaled_linear(x, b.weight, b.bias, self.rlrr_l, self.rlrr_c, self.rlrr_s, self.residual)
+
+
+class SSFLayer(nn.Module):
+    """A frozen norm / patch projection followed by SSF scale and shift."""
+
+    def __init__(self, base_layer: nn.Module, dim: int, init: str, channel_dim: int = -1) -> None:
+        """
+        Args:
+            base_layer: The frozen module (LayerNorm, Linear or Conv2d).
+            dim: Channels it outputs.
+            init: 'reference' (γ ~ N(1, .02), β ~ N(0, .02)) or 'identity' (1, 0).
+            channel_dim: Where the channels are in its output: -1 (tokens) or 1 (NCHW conv).
+        """
+        super().__init__()
+        self.base_layer = base_layer
+        self.channel_dim = channel_dim
+        self.ssf_scale = nn.Parameter(torch.ones(dim))
+        self.ssf_shift = nn.Parameter(torch.zeros(dim))
+        if init == "reference":
+            with torch.no_grad():
+                self.ssf_scale.normal_(1.0, 0.02)
+                self.ssf_shift.normal_(0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        shape = (-1, 1, 1) if self.channel_dim == 1 else (-1,)
+        return rlrr.ssf(y, self.ssf_scale.view(shape), self.ssf_shift.view(shape))

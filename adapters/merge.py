@@ -1,0 +1,85 @@
+"""Fold a task's adapter into plain timm weights, functionally (the base is never written)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from . import rlrr
+from .config import RLRRConfig
+from .inject import adapter_state_dict, base_module, plan_targets, unwrap
+
+__all__ = ["fold_adapter", "merge_rlrr"]
+
+
+@torch.no_grad()
+def fold_adapter(
+        backbone: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        config: RLRRConfig,
+) -> dict[str, torch.Tensor]:
+    """Merged tensors for one task, keyed by the plain backbone's parameter names.
+
+    Only the tensors an adapter changes are returned (and the task head), so
+    `torch.func.functional_call(backbone, folded, (images,))` runs the task on the untouched
+    backbone, and `plain.load_state_dict(folded, strict=False)` makes it permanent on a copy.
+
+    Args:
+        backbone: Plain or wrapped timm ViT whose frozen weights are folded (read only).
+        tensors: The adapter's tensors (`adapter_state_dict` / `load_adapter(...).tensors`).
+        config: The adapter's configuration.
+
+    Raises:
+        ValueError: A tensor the config needs is missing, or the result is not finite.
+    """
+    folded: dict[str, torch.Tensor] = {}
+    for t in plan_targets(backbone, config):
+        m = base_module(backbone.get_submodule(t.path))
+        dev = m.weight.device
+        get = lambda tag: _need(tensors, f"{t.path}.{tag}", dev)  # noqa: B023 - used in this iteration
+        if t.kind == "ssf":
+            w, b = rlrr.fold_ssf(m.weight, m.bias, get("ssf_scale"), get("ssf_shift"))
+        else:
+            l = get("rlrr_l") if config.left else None
+            c = get("rlrr_c") if config.right else None
+            w = rlrr.rescale_weight(m.weight, l, c, config.residual)
+            b = m.bias
+            if b is not None and f"{t.path}.rlrr_s" in tensors:
+                b = b + get("rlrr_s").to(b.dtype)
+        folded[f"{t.path}.weight"] = w
+        if b is not None:
+            folded[f"{t.path}.bias"] = b
+    head_dev = backbone.head.weight.device if isinstance(backbone.head, nn.Linear) else None
+    for name in ("head.weight", "head.bias"):
+        folded[name] = _need(tensors, name, head_dev)
+    bad = [k for k, v in folded.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"folding produced non-finite values in {bad[:5]}")
+    return folded
+
+
+def _need(tensors: dict[str, torch.Tensor], name: str, device: torch.device | None) -> torch.Tensor:
+    if name not in tensors:
+        raise ValueError(f"adapter tensor '{name}' is missing")
+    return tensors[name].to(device) if device is not None else tensors[name]
+
+
+def merge_rlrr(model: nn.Module) -> nn.Module:
+    """A plain timm model of the same architecture with the adapter folded in exactly.
+
+    The input model is not modified; the result owns all its tensors.
+
+    Args:
+        model: A model wrapped by `add_rlrr`.
+    """
+    if not hasattr(model, "rlrr_config"):
+        raise ValueError("model has no RLRR adapter (add_rlrr was not called on it)")
+    config = model.rlrr_config
+    tensors = adapter_state_dict(model)
+    plain = unwrap(copy.deepcopy(model))  # deep copy first: the input's wrappers stay in place
+    folded = fold_adapter(plain, tensors, config)
+    with torch.no_grad():
+        for name, value in folded.items():
+            plain.get_parameter(name).copy_(value)
+    return plain.requires_grad_(True)

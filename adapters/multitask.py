@@ -1,0 +1,239 @@
+"""MultiTaskViT: one frozen backbone, N task adapters, every row of a batch with its own task.
+
+Each task's vectors are brought to one canonical form per target layer, (a, l, c, s) for
+rescaled linears and (γ, β) for SSF, so tasks of different configurations (RLRR, SSF-like,
+one-sided, linear probe) share one batch:
+
+    y = a · x Wᵀ + l ⊙ ((c ⊙ x) Wᵀ) + b + s
+
+A layer a task does not adapt gets a = 1, l = 0, s = 0; SSF it does not use gets γ = 1, β = 0.
+The stacked tensors live in an immutable snapshot that is swapped whole on add/remove, so a
+forward running in another thread always sees one consistent set of tasks.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rlrr
+from .config import RLRRConfig
+from .inject import Target, adapter_shapes, base_module, feature_dim, plan_targets
+
+__all__ = ["MultiTaskViT"]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    names: tuple[str, ...]
+    layers: dict[str, dict[str, torch.Tensor]]  # target path -> tag -> (T, ...) stacked
+    heads: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    num_classes: tuple[int, ...]
+    all_residual: torch.Tensor  # (T,) bool: True when every layer of the task has a = 1
+
+
+class _Rows(threading.local):
+    """Per-thread forward state: which snapshot and which task per row."""
+
+    snap: _Snapshot | None = None
+    ids: torch.Tensor | None = None
+    residual_only: bool = True
+
+    def take(self, path: str, tag: str) -> torch.Tensor:
+        return self.snap.layers[path][tag].index_select(0, self.ids)  # (B, ...)
+
+
+def _rows_view(v: torch.Tensor, ndim: int, channel_dim: int = -1) -> torch.Tensor:
+    """(B, ..., D) per-row tensor shaped to broadcast against an x of `ndim` dims."""
+    if channel_dim == 1:  # NCHW conv output: (B, D) -> (B, D, 1, 1)
+        return v.view(*v.shape, *([1] * (ndim - 2)))
+    extra = ndim - 2 - (v.dim() - 2)  # singleton token dims between batch and the vector dims
+    return v.view(v.shape[0], *([1] * extra), *v.shape[1:])
+
+
+class _RowLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, path: str, rows: _Rows) -> None:
+        super().__init__()
+        self.base_layer, self.path, self.rows = base_layer, path, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, N, in)
+        r, b = self.rows, self.base_layer
+        l = _rows_view(r.take(self.path, "l"), x.dim())  # (B, 1, out)
+        c = _rows_view(r.take(self.path, "c"), x.dim() + 1)  # (B, 1, g, in)
+        s = _rows_view(r.take(self.path, "s"), x.dim())  # (B, 1, out)
+        a = True if r.residual_only else _rows_view(r.take(self.path, "a")[:, None], x.dim())  # (B, 1, 1)
+        return rlrr.rescaled_linear(x, b.weight, b.bias, l, c, s, residual=a)
+
+
+class _RowSSF(nn.Module):
+    def __init__(self, base_layer: nn.Module, path: str, rows: _Rows, channel_dim: int) -> None:
+        super().__init__()
+        self.base_layer, self.path, self.rows, self.channel_dim = base_layer, path, rows, channel_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        scale = _rows_view(self.rows.take(self.path, "scale"), y.dim(), self.channel_dim)
+        shift = _rows_view(self.rows.take(self.path, "shift"), y.dim(), self.channel_dim)
+        return rlrr.ssf(y, scale, shift)
+
+
+def _share_structure(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers ARE the original's (no weight copy)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class MultiTaskViT(nn.Module):
+    """One frozen timm ViT serving many RLRR tasks in one pass, a task per row.
+
+    The backbone's tensors are shared, never copied or written: move the backbone to its device
+    and dtype before building this. Adding or removing a task is safe while other threads run
+    forward.
+    """
+
+    def __init__(self, backbone: nn.Module, layout: RLRRConfig | None = None) -> None:
+        """
+        Args:
+            backbone: A plain timm VisionTransformer (frozen; shared with the caller).
+            layout: The widest set of targets a task may use; the RLRR default when None.
+        """
+        super().__init__()
+        self.layout = layout or RLRRConfig()
+        self._targets = {t.path: t for t in plan_targets(backbone, self.layout)}
+        self._rows = _Rows()
+        self.model = _share_structure(backbone).eval().requires_grad_(False)
+        for t in self._targets.values():
+            base = self.model.get_submodule(t.path)
+            wrapper = (_RowLinear(base, t.path, self._rows) if t.kind == "rescale"
+                       else _RowSSF(base, t.path, self._rows, t.channel_dim))
+            parent, _, name = t.path.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, name, wrapper)
+        self._canonical: dict[str, dict] = {}  # task -> canonical CPU fp32 tensors + head
+        self._lock = threading.Lock()
+        self._snap = self._build([])
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self._snap.names)
+
+    def task_index(self, name: str) -> int:
+        try:
+            return self._snap.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown task {name!r}; loaded: {list(self._snap.names)}") from None
+
+    def add_task(self, name: str, tensors: dict[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> None:
+        """Add (or replace) a task.
+
+        Args:
+            name: Task name.
+            tensors: The adapter's tensors (head included).
+            config: The adapter's configuration; its targets must be within the layout.
+            num_classes: Classes of its head.
+        """
+        canonical = self._canonicalize(tensors, config, num_classes)
+        with self._lock:
+            self._canonical[name] = canonical
+            self._snap = self._build(list(self._canonical))
+
+    def remove_task(self, name: str) -> None:
+        with self._lock:
+            if name not in self._canonical:
+                raise KeyError(f"unknown task {name!r}")
+            del self._canonical[name]
+            self._snap = self._build(list(self._canonical))
+
+    def _canonicalize(self, tensors: dict[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> dict:
+        shapes = adapter_shapes(self.model, config, num_classes)
+        for key, shape in shapes.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                got = None if key not in tensors else tuple(tensors[key].shape)
+                raise ValueError(f"adapter tensor '{key}': expected shape {shape}, got {got}")
+        own = {t.path: t for t in plan_targets(self.model, config)}
+        outside = [p for p, t in own.items() if self._targets.get(p, Target("", "")).kind != t.kind]
+        if outside:
+            raise ValueError(f"adapter targets {outside[:3]} are outside this server's layout")
+        get = lambda key: tensors[key].detach().float().cpu()
+        layers = {}
+        for path, t in self._targets.items():
+            m = base_module(self.model.get_submodule(path))
+            if t.kind == "ssf":
+                d = m.weight.shape[0]
+                used = path in own
+                layers[path] = {"scale": get(f"{path}.ssf_scale") if used else torch.ones(d),
+                                "shift": get(f"{path}.ssf_shift") if used else torch.zeros(d)}
+                continue
+            out_f, in_f = m.out_features, m.in_features
+            if path not in own:
+                layers[path] = {"a": torch.ones(()), "l": torch.zeros(out_f),
+                                "c": torch.ones(t.groups, in_f), "s": torch.zeros(out_f)}
+                continue
+            c = get(f"{path}.rlrr_c") if config.right else torch.ones(1, in_f)
+            if c.shape[0] != t.groups:  # one shared column vector serves every q/k/v slice alike
+                c = c.expand(t.groups, in_f).clone()
+            layers[path] = {
+                "a": torch.tensor(1.0 if config.residual else 0.0),
+                "l": get(f"{path}.rlrr_l") if config.left else torch.ones(out_f),
+                "c": c,
+                "s": get(f"{path}.rlrr_s") if f"{path}.rlrr_s" in tensors else torch.zeros(out_f),
+            }
+        head = (get("head.weight"), get("head.bias"))
+        all_residual = config.residual or not any(t.kind == "rescale" for t in own.values())
+        return {"layers": layers, "head": head, "num_classes": num_classes, "all_residual": all_residual}
+
+    def _build(self, names: list[str]) -> _Snapshot:
+        ref = next(self.model.parameters())
+        to = lambda t: t.to(device=ref.device, dtype=ref.dtype)
+        tasks = [self._canonical[n] for n in names]
+        layers = {
+            path: {tag: to(torch.stack([task["layers"][path][tag] for task in tasks]))
+                   for tag in (("scale", "shift") if t.kind == "ssf" else ("a", "l", "c", "s"))}
+            for path, t in self._targets.items()
+        } if tasks else {}
+        return _Snapshot(
+            names=tuple(names),
+            layers=layers,
+            heads=tuple((to(task["head"][0]), to(task["head"][1])) for task in tasks),
+            num_classes=tuple(task["num_classes"] for task in tasks),
+            all_residual=torch.tensor([task["all_residual"] for task in tasks], dtype=torch.bool),
+        )
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every row under its own task.
+
+        Args:
+            images: (B, 3, H, W) on the backbone's device and dtype.
+            task_ids: (B,) task indices (see `task_index`).
+
+        Returns:
+            (B, max classes) logits; entries past a row's own class count are -inf.
+        """
+        snap = self._snap  # one consistent view even if a task is added meanwhile
+        if not snap.names:
+            raise RuntimeError("no tasks loaded")
+        ids_cpu = task_ids.to("cpu", torch.long)
+        if ids_cpu.numel() != images.shape[0] or ids_cpu.min() < 0 or ids_cpu.max() >= len(snap.names):
+            raise ValueError(f"task_ids must hold {images.shape[0]} indices in [0, {len(snap.names)})")
+        rows = self._rows
+        rows.snap, rows.ids = snap, ids_cpu.to(images.device)
+        rows.residual_only = bool(snap.all_residual[ids_cpu].all())
+        try:
+            feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
+        finally:
+            rows.snap = rows.ids = None
+        logits = feats.new_full((feats.shape[0], max(snap.num_classes)), float("-inf"))
+        for t in ids_cpu.unique().tolist():  # heads differ in size: one small matmul per task present
+            sel = (ids_cpu == t).nonzero().squeeze(1).to(feats.device)
+            w, b = snap.heads[t]
+            logits[sel, : snap.num_classes[t]] = F.linear(feats.index_select(0, sel), w, b)
+        return logits
+
+    @property
+    def feature_dim(self) -> int:
+        return feature_dim(self.model)

@@ -49,6 +49,11 @@ class RLRRConfig:
         # Accept lists (from JSON) but store tuples so the config stays hashable.
         object.__setattr__(self, "rescale_targets", tuple(self.rescale_targets))
         object.__setattr__(self, "ssf_targets", tuple(self.ssf_targets))
+        for name in ("left", "right", "residual", "bias_shift", "split_qkv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not all(isinstance(n, str) for n in self.rescale_targets + self.ssf_targets):
+            raise ValueError("targets must be module paths (strings)")
         if self.init not in INIT_POLICIES:
             raise ValueError(f"init must be one of {INIT_POLICIES}, got {self.init!r}")
         if self.rescale_targets and not (self.left or self.right):

@@ -38,8 +38,8 @@ class Target:
 
 
 def base_module(module: nn.Module) -> nn.Module:
-    """The frozen module inside a wrapper, or the module itself."""
-    return module.base_layer if isinstance(module, _WRAPPERS) else module
+    """The frozen module inside a wrapper (any module with a `base_layer`), or the module itself."""
+    return getattr(module, "base_layer", module)
 
 
 def _check_supported(model: nn.Module) -> None:

@@ -1,0 +1,166 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import adapters.io as adapter_io
+from adapters import AdapterError, RLRRConfig, add_rlrr, load_adapter, merge_rlrr, save_adapter
+from adapters.io import CONFIG_NAME, WEIGHTS_NAME, _sha256
+
+
+@pytest.fixture
+def trained(make_vit, perturb):
+    base = make_vit()
+    import copy
+    model = perturb(add_rlrr(copy.deepcopy(base), RLRRConfig(), 4))
+    return base, model
+
+
+def save(model, path: Path, **kw) -> Path:
+    return save_adapter(model, path, base_model="test_vit", labels=["ant", "bee", "cat", "dog"],
+                        metadata={"epochs": 3, "metrics": {"test_top1": 0.5}}, **kw)
+
+
+def edit_config(path: Path, **changes) -> None:
+    doc = json.loads((path / CONFIG_NAME).read_text())
+    doc.update(changes)
+    (path / CONFIG_NAME).write_text(json.dumps(doc))
+
+
+@torch.no_grad()
+def test_round_trip_gives_identical_logits(trained, tmp_path: Path) -> None:
+    base, model = trained
+    out = save(model, tmp_path / "pets")
+    assert sorted(os.listdir(out)) == [CONFIG_NAME, WEIGHTS_NAME]
+    doc = json.loads((out / CONFIG_NAME).read_text())
+    assert doc["format_version"] == 1 and doc["base_model"] == "test_vit" and doc["num_classes"] == 4
+    assert doc["data_config"]["input_size"] == [3, 160, 160]
+    adapter = load_adapter(out, backbone=base)
+    assert adapter.labels == ["ant", "bee", "cat", "dog"] and adapter.metadata["epochs"] == 3
+    reloaded = add_rlrr(make_copy(base), adapter.config, adapter.num_classes)
+    reloaded.load_state_dict(adapter.tensors, strict=False)
+    x = torch.randn(2, 3, 160, 160)
+    assert torch.equal(reloaded.eval()(x), model.eval()(x))
+    # The file holds adapter tensors only: no backbone weight travels with it.
+    assert not any("base_layer" in k or k.startswith("blocks.0.attn.qkv.weight") for k in adapter.tensors)
+    assert adapter.nbytes < sum(p.numel() * 4 for p in base.parameters()) / 5
+
+
+def make_copy(m):
+    import copy
+    return copy.deepcopy(m)
+
+
+def test_raw_tensors_need_their_metadata(trained, tmp_path: Path) -> None:
+    _, model = trained
+    from adapters import adapter_state_dict
+    with pytest.raises(ValueError, match="needs config, fingerprint"):
+        save_adapter(adapter_state_dict(model), tmp_path / "x", base_model="test_vit")
+
+
+def test_refuses_another_backbone(trained, make_vit, tmp_path: Path) -> None:
+    _, model = trained
+    out = save(model, tmp_path / "pets")
+    with pytest.raises(AdapterError, match="trained on backbone 'test_vit' with fingerprint"):
+        load_adapter(out, backbone=make_vit(seed=123))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: (p / CONFIG_NAME).unlink(), "adapter_config.json is missing"),
+        (lambda p: (p / WEIGHTS_NAME).unlink(), "adapter_model.safetensors is missing"),
+        (lambda p: (p / CONFIG_NAME).write_text("{not json"), "is not valid JSON"),
+        (lambda p: edit_config(p, format_version=99), "unknown format_version 99"),
+        (lambda p: edit_config(p, rlrr_config={"left": "maybe", "right": False}), "invalid rlrr_config"),
+        (lambda p: edit_config(p, labels=["a"]), "1 labels for 4 classes"),
+        (lambda p: (p / WEIGHTS_NAME).write_bytes((p / WEIGHTS_NAME).read_bytes()[:100]), "corrupt or truncated"),
+    ],
+)
+def test_refusals_name_the_problem(trained, tmp_path: Path, damage, message: str) -> None:
+    base, model = trained
+    out = save(model, tmp_path / "pets")
+    damage(out)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(out, backbone=base)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match="not a directory"):
+        load_adapter(tmp_path / "nope")
+
+
+def _rewrite_weights(path: Path, tensors: dict) -> None:
+    """Replace the weights file and fix its checksum, as a buggy or hostile writer could."""
+    save_file(tensors, str(path / WEIGHTS_NAME))
+    edit_config(path, weights_sha256=_sha256(path / WEIGHTS_NAME))
+
+
+def test_refuses_wrong_shapes_and_non_finite_values(trained, tmp_path: Path) -> None:
+    base, model = trained
+    out = save(model, tmp_path / "pets")
+    tensors = dict(load_adapter(out).tensors)
+    tensors["blocks.0.attn.qkv.rlrr_c"] = torch.zeros(1, 64)
+    _rewrite_weights(out, tensors)
+    with pytest.raises(AdapterError, match=r"wrong shapes \['blocks.0.attn.qkv.rlrr_c: \(1, 64\) != \(3, 64\)'"):
+        load_adapter(out, backbone=base)
+    del tensors["blocks.0.attn.qkv.rlrr_c"]
+    _rewrite_weights(out, tensors)
+    with pytest.raises(AdapterError, match="missing"):
+        load_adapter(out, backbone=base)
+    tensors = dict(load_adapter(save(model, tmp_path / "pets")).tensors)
+    tensors["blocks.1.norm2.ssf_shift"][3] = float("nan")
+    _rewrite_weights(out, tensors)
+    with pytest.raises(AdapterError, match="'blocks.1.norm2.ssf_shift' holds non-finite"):
+        load_adapter(out, backbone=base)
+
+
+def test_save_refuses_non_finite(trained, tmp_path: Path) -> None:
+    _, model = trained
+    with torch.no_grad():
+        model.head.bias[0] = float("inf")
+    with pytest.raises(AdapterError, match="'head.bias' holds non-finite"):
+        save(model, tmp_path / "pets")
+    assert not (tmp_path / "pets").exists()
+
+
+def test_write_is_atomic_when_it_crashes(trained, tmp_path: Path, monkeypatch) -> None:
+    base, model = trained
+    out = save(model, tmp_path / "pets")
+    original = (out / WEIGHTS_NAME).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(adapter_io, "save_file", crash)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, out)
+    assert (out / WEIGHTS_NAME).read_bytes() == original  # the old adapter is intact
+    assert sorted(os.listdir(tmp_path)) == ["pets"]  # and no temporary folder is left behind
+    load_adapter(out, backbone=base)
+
+
+def test_overwrite_replaces_whole_adapter(trained, tmp_path: Path) -> None:
+    base, model = trained
+    out = save(model, tmp_path / "pets")
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    save(model, out)
+    assert torch.equal(load_adapter(out, backbone=base).tensors["head.bias"], model.head.bias.detach())
+    assert sorted(os.listdir(tmp_path)) == ["pets"]
+
+
+def test_merge_of_reloaded_adapter_matches(trained, tmp_path: Path) -> None:
+    base, model = trained
+    adapter = load_adapter(save(model, tmp_path / "pets"), backbone=base)
+    from adapters import fold_adapter
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        out = torch.func.functional_call(base, fold_adapter(base, adapter.tensors, adapter.config), (x,))
+        ref = merge_rlrr(model).eval()(x)
+    assert (out - ref).abs().max() < 1e-5  # same fold, same inputs: only summation order differs

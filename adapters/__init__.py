@@ -2,6 +2,7 @@
 
     from adapters import RLRRConfig, add_rlrr, merge_rlrr, MultiTaskViT, save_adapter, load_adapter
 """
+from . import backbones  # noqa: F401 - registers the in-house timm backbone
 from .config import RLRRConfig
 from .inject import adapter_shapes, adapter_state_dict, add_rlrr, backbone_fingerprint, plan_targets
 from .io import Adapter, AdapterError, load_adapter, save_adapter

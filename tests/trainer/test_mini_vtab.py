@@ -1,0 +1,42 @@
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import mini_vtab
+
+
+@pytest.mark.parametrize(("fn", "classes"), [
+    (mini_vtab.shapes_count, {str(k) for k in range(1, 7)}),
+    (mini_vtab.shapes_loc, {f"{c:02d}" for c in range(16)}),
+    (mini_vtab.shapes_ori, {f"{b * 45 // 2:03d}deg" for b in range(8)}),
+])
+def test_generated_tasks_are_seeded_and_cover_their_classes(fn, classes: set[str]) -> None:
+    a = fn(random.Random(0), 400)
+    b = fn(random.Random(0), 400)
+    assert [lab for _, lab in a] == [lab for _, lab in b]
+    assert np.array_equal(np.asarray(a[5][0]), np.asarray(b[5][0]))
+    assert {lab for _, lab in a} == classes
+    assert a[0][0].size == (32, 32)
+
+
+def test_shapes_count_draws_that_many_objects() -> None:
+    # Objects sit on distinct lattice cells, so the count of bright connected blobs is the label.
+    from scipy import ndimage
+
+    for img, label in mini_vtab.shapes_count(random.Random(1), 30):
+        bright = np.asarray(img).max(axis=2) >= 120
+        assert ndimage.label(bright)[1] == int(label)
+
+
+def test_prepare_digits_builds_disjoint_imagefolder(tmp_path: Path) -> None:
+    sizes = mini_vtab.prepare_task("digits", tmp_path)
+    assert sizes == {"train": 1000, "test": 797}
+    train = sorted(p.parent.name for p in (tmp_path / "digits" / "train").rglob("*.png"))
+    assert set(train) == {str(d) for d in range(10)} and len(train) == 1000
+    # Train and test images are disjoint (digits has no exact duplicates across its 1,797 images).
+    tr = {p.read_bytes() for p in (tmp_path / "digits" / "train").rglob("*.png")}
+    te = {p.read_bytes() for p in (tmp_path / "digits" / "test").rglob("*.png")}
+    assert not tr & te
+    assert mini_vtab.prepare_task("digits", tmp_path) == sizes  # second call reuses the cache

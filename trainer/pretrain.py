@@ -1,0 +1,152 @@
+"""Pretrain the in-house backbone from scratch on 5 CIFAR-10 classes (no ImageNet weights offline).
+
+    python -m trainer pretrain                       # ~25 min on 2 CPU cores, writes adapters/weights/
+    python -m trainer pretrain --epochs 1 --out /tmp/w   # a quick look
+
+Classes airplane, automobile, bird, cat, deer of ../shared/data/cifar10-jpeg.tar.gz, train split,
+32×32 px; the other five classes are the downstream task `cifar5`, so pretraining never sees them.
+Writes the fp16 safetensors weights and a model card with the test accuracy and this command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from adapters.backbones import PICO_NAME, PICO_WEIGHTS
+from trainer.mini_vtab import PRETRAIN_CLASSES, extract_shared
+
+
+def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the five pretraining classes as uint8 (N, 3, 32, 32), decoded once."""
+    root = extract_shared("cifar10-jpeg.tar.gz") / "cifar10" / split
+    xs, ys = [], []
+    for label, cls in enumerate(PRETRAIN_CLASSES):
+        for p in sorted((root / cls).glob("*.jpg")):
+            xs.append(np.asarray(Image.open(p).convert("RGB")))
+            ys.append(label)
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+    return x, torch.tensor(ys)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with 4 px zero padding and horizontal flip, on a uint8 batch."""
+    b = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4))
+    i, j = torch.randint(0, 9, (2,), generator=gen).tolist()  # one offset per batch: cheap, still varied
+    out = padded[:, :, i:i + 32, j:j + 32]
+    flip = torch.rand(b, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def normalize(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> float:
+    model.eval()
+    correct = sum((model(normalize(x[i:i + 500], cfg)).argmax(1) == y[i:i + 500]).sum().item()
+                  for i in range(0, len(x), 500))
+    return correct / len(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-epochs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=PICO_WEIGHTS.parent)
+    args = ap.parse_args(argv)
+    command = "python -m trainer pretrain " + " ".join(argv if argv is not None else sys.argv[2:])
+
+    # setup
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    arch = PICO_NAME.split(".")[0]
+    model = timm.create_model(arch, pretrained=False, num_classes=len(PRETRAIN_CLASSES), drop_path_rate=0.1)
+    cfg = {"mean": model.pretrained_cfg["mean"], "std": model.pretrained_cfg["std"]}
+    print(f"{arch}: {sum(p.numel() for p in model.parameters()):,} parameters, classes {PRETRAIN_CLASSES}")
+
+    # data
+    t0 = time.time()
+    x_train, y_train = load_split("train")
+    x_test, y_test = load_split("test")
+    print(f"data: {len(x_train)} train / {len(x_test)} test images decoded in {time.time() - t0:.0f}s")
+
+    # optimizer and schedule: AdamW, linear warmup then cosine, stepped per iteration
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
+                                                               and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    steps_per_epoch = len(x_train) // args.batch_size
+    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    lr_at = lambda s: args.lr * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+
+    # loop
+    step, t0 = 0, time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        running = 0.0
+        for k in range(steps_per_epoch):
+            idx = perm[k * args.batch_size:(k + 1) * args.batch_size]
+            x = normalize(augment(x_train[idx], gen), cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()  # sync point, but CPU-only: free
+            step += 1
+        acc = accuracy(model, x_test, y_test, cfg) if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs else float("nan")
+        print(f"epoch {epoch + 1}/{args.epochs} loss {running / steps_per_epoch:.4f} test_acc {acc:.4f} "
+              f"elapsed {time.time() - t0:.0f}s", flush=True)
+
+    # save: fp16 weights + model card
+    test_acc = accuracy(model, x_test, y_test, cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    weights = args.out / PICO_WEIGHTS.name
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    card = {
+        "model": PICO_NAME,
+        "description": "pretrained in-house on 5 CIFAR-10 classes (NOT an ImageNet model)",
+        "data": "CIFAR-10 train split (JPEG re-encoded), ../shared/data/cifar10-jpeg.tar.gz",
+        "classes": list(PRETRAIN_CLASSES),
+        "resolution": 32,
+        "train_images": len(x_train),
+        "test_images": len(x_test),
+        "test_top1": round(test_acc, 4),
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "recipe": {k: v for k, v in vars(args).items() if k != "out"},
+        "minutes": round((time.time() - t0) / 60, 1),
+        "bytes": weights.stat().st_size,
+        "command": command,
+    }
+    (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

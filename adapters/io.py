@@ -52,6 +52,12 @@ class Adapter:
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     path: Path | None = None
+    weights_sha256: str = ""
+
+    @property
+    def version(self) -> str:
+        """Short content hash of the tensors file: changes whenever the adapter is retrained."""
+        return self.weights_sha256[:12]
 
     @property
     def nbytes(self) -> int:
@@ -261,7 +267,7 @@ def load_adapter(
         config=config, tensors=tensors, num_classes=num_classes, labels=list(doc["labels"]),
         base_model=doc["base_model"], fingerprint=doc["backbone_fingerprint"],
         data_config=doc.get("data_config", {}), metadata=doc.get("metadata", {}),
-        format_version=doc["format_version"], path=directory,
+        format_version=doc["format_version"], path=directory, weights_sha256=doc["weights_sha256"],
     )
 
 

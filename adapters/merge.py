@@ -50,9 +50,9 @@ def fold_adapter(
         folded[f"{t.path}.weight"] = w
         if b is not None:
             folded[f"{t.path}.bias"] = b
-    head_dev = backbone.head.weight.device if isinstance(backbone.head, nn.Linear) else None
+    ref = next(backbone.parameters())
     for name in ("head.weight", "head.bias"):
-        folded[name] = _need(tensors, name, head_dev)
+        folded[name] = _need(tensors, name, ref.device).to(ref.dtype)
     bad = [k for k, v in folded.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"folding produced non-finite values in {bad[:5]}")

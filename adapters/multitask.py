@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -204,12 +205,14 @@ class MultiTaskViT(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, task_ids: torch.Tensor | Sequence[str]) -> torch.Tensor:
         """Logits of every row under its own task.
 
         Args:
             images: (B, 3, H, W) on the backbone's device and dtype.
-            task_ids: (B,) task indices (see `task_index`).
+            task_ids: (B,) task indices (see `task_index`), or B task names. Names are resolved
+                against the same snapshot the forward uses, so they stay right while another
+                thread adds or removes tasks; indices shift when a task is removed.
 
         Returns:
             (B, max classes) logits; entries past a row's own class count are -inf.
@@ -217,6 +220,12 @@ class MultiTaskViT(nn.Module):
         snap = self._snap  # one consistent view even if a task is added meanwhile
         if not snap.names:
             raise RuntimeError("no tasks loaded")
+        if not isinstance(task_ids, torch.Tensor):
+            index = {n: i for i, n in enumerate(snap.names)}
+            unknown = sorted(set(task_ids) - set(index))
+            if unknown:
+                raise KeyError(f"unknown tasks {unknown}; loaded: {list(snap.names)}")
+            task_ids = torch.tensor([index[n] for n in task_ids])
         ids_cpu = task_ids.to("cpu", torch.long)
         if ids_cpu.numel() != images.shape[0] or ids_cpu.min() < 0 or ids_cpu.max() >= len(snap.names):
             raise ValueError(f"task_ids must hold {images.shape[0]} indices in [0, {len(snap.names)})")

@@ -70,6 +70,10 @@ def test_add_replace_remove(setup) -> None:
         mt.task_index("rlrr")
     with pytest.raises(ValueError, match="task_ids must hold"):
         mt(x, torch.tensor([0, 99]))
+    with pytest.raises(KeyError, match="unknown tasks \\['rlrr'\\]"):
+        mt(x, ["ssf", "rlrr"])
+    by_name = mt(x, ["ssf", "ssf"])
+    torch.testing.assert_close(by_name[:, :3], after[:, :3], atol=0, rtol=0)
 
 
 def test_shape_mismatch_is_refused(setup, make_vit) -> None:

@@ -1,0 +1,33 @@
+# rlrr-serve on a GPU host: `docker compose up` (see docker-compose.yml).
+# torch/torchvision come from the CUDA-enabled base image; the rest from pyproject.toml.
+# Override the base to match your driver: --build-arg BASE_IMAGE=pytorch/pytorch:<tag>
+ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/data/hf \
+    RLRR_STORE=/data/store \
+    RLRR_HOST=0.0.0.0 \
+    RLRR_PORT=8000
+
+WORKDIR /srv
+COPY pyproject.toml README.md ./
+COPY adapters ./adapters
+COPY trainer ./trainer
+COPY app ./app
+RUN pip install --no-cache-dir . \
+    && groupadd --gid 10001 rlrr \
+    && useradd --create-home --uid 10001 --gid 10001 rlrr \
+    && mkdir -p /data/store /data/hf \
+    && chown -R rlrr:rlrr /data
+
+# Numeric ids: resolvable by the host (volume ownership) without its /etc/passwd.
+USER 10001:10001
+EXPOSE 8000
+VOLUME ["/data/store", "/data/hf"]
+# Ready = backbone loaded and warmed; start-period covers the first weight download/compile.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('RLRR_PORT', '8000'), timeout=4)"]
+CMD ["python", "-m", "app"]

@@ -1,0 +1,118 @@
+"""HTTP bodies -> bytes: bounded reading and multipart parsing, shared by /classify and /tasks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.errors import BadRequest, InvalidAdapter, PayloadTooLarge, UnsupportedMediaType
+
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
+Part = tuple[str, str | None, bytes]  # (field name, file name, contents)
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, lower-case, without parameters.
+
+    Args:
+        request: The request.
+    """
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing it as soon as it passes `limit` bytes (never buffers more).
+
+    Args:
+        request: The request.
+        limit: Largest body accepted.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_files(request: Request, limit: int) -> list[Part]:
+    """The file parts of a bounded multipart/form-data body.
+
+    Args:
+        request: The request (must be multipart/form-data).
+        limit: Largest body accepted.
+    """
+    if media_type(request) != "multipart/form-data":
+        raise UnsupportedMediaType(f"expected multipart/form-data, got {media_type(request) or 'no content type'!r}")
+    body = await read_body(request, limit)
+    parser = MultiPartParser(request.headers, _once(body))
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from exc
+    parts: list[Part] = []
+    try:
+        for field, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                parts.append((field, value.filename, await value.read()))
+    finally:
+        await form.close()
+    return parts
+
+
+async def read_images(request: Request, max_bytes: int, max_images: int) -> list[bytes]:
+    """The encoded images of a /classify request: a raw image body or multipart `file` fields.
+
+    Args:
+        request: The request.
+        max_bytes: Largest body accepted.
+        max_images: Most images accepted.
+    """
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        images = [data for field, _, data in await read_files(request, max_bytes) if field == "file"]
+        if not images:
+            raise BadRequest("multipart body has no 'file' field")
+    elif kind in RAW_IMAGE_TYPES or not kind:
+        images = [await read_body(request, max_bytes)]
+    else:
+        raise UnsupportedMediaType(
+            f"content type {kind!r} not accepted: send image/jpeg, image/png or image/webp as the body, "
+            "or multipart/form-data with 'file' fields")
+    if len(images) > max_images:
+        raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {max_images}")
+    if any(not data for data in images):
+        raise BadRequest("empty image")
+    return images
+
+
+async def _once(body: bytes) -> AsyncGenerator[bytes, None]:
+    yield body
+    yield b""
+
+
+def adapter_files(parts: list[Part]) -> tuple[bytes, bytes]:
+    """The (config, weights) of an adapter upload: fields `config` and `weights`, or parts named
+    adapter_config.json and adapter_model.safetensors.
+
+    Args:
+        parts: The file parts of the upload.
+    """
+    found: dict[str, bytes] = {}
+    for field, filename, data in parts:
+        if field == "config" or filename == "adapter_config.json":
+            found["config"] = data
+        elif field == "weights" or filename == "adapter_model.safetensors":
+            found["weights"] = data
+    missing = [name for name in ("config", "weights") if name not in found]
+    if missing:
+        raise InvalidAdapter(
+            f"upload lacks {missing}: send adapter_config.json as 'config' and adapter_model.safetensors as 'weights'")
+    return found["config"], found["weights"]

@@ -1,0 +1,216 @@
+"""Task name -> loaded adapter: loading the store, validating uploads, replacing and deleting.
+
+No HTTP here. Each loaded version gets a unique `key`; requests hold the `LoadedTask` they were
+admitted with, so replacing or deleting a task never fails a request already in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from adapters import Adapter, AdapterError, load_adapter
+from app.engine import Engine
+from app.errors import InvalidAdapter, UnknownTask
+from app.preprocess import Transform, make_transform, resolve_config
+
+log = logging.getLogger("app")
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+NAME_MAX = 64
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_keys = itertools.count()
+
+
+def valid_name(name: str) -> bool:
+    """Whether a task name is safe as a single path component (no traversal, no hidden files).
+
+    Args:
+        name: The task name.
+    """
+    return len(name) <= NAME_MAX and re.fullmatch(NAME_PATTERN, name) is not None
+
+
+@dataclass(eq=False)
+class LoadedTask:
+    """One version of a task's adapter, ready to serve.
+
+    Attributes:
+        name: Task name.
+        key: Unique per loaded version (the engine's name for it).
+        adapter: The loaded adapter.
+        version: First 12 hex digits of the weights file's sha256.
+        data_config: Resolved eval data config.
+        transform: Eval transform built from it.
+        loaded_at: Unix time it was loaded.
+    """
+
+    name: str
+    key: str
+    adapter: Adapter
+    version: str
+    data_config: dict[str, Any]
+    transform: Transform
+    loaded_at: float = field(default_factory=time.time)
+
+
+class Registry:
+    """The tasks being served, and the store they live in.
+
+    Args:
+        store: Adapter store directory (`<store>/<task>/...`).
+        engine: The engine that runs the tasks.
+    """
+
+    def __init__(self, store: Path, engine: Engine) -> None:
+        self.store = store
+        self.engine = engine
+        self.tasks: dict[str, LoadedTask] = {}
+        self.skipped: dict[str, str] = {}
+        self._lock = asyncio.Lock()  # one admin change at a time
+
+    def get(self, name: str) -> LoadedTask:
+        """The current version of a task.
+
+        Args:
+            name: Task name.
+        """
+        task = self.tasks.get(name)
+        if task is None:
+            raise UnknownTask(f"unknown task {name!r}", tasks=sorted(self.tasks))
+        return task
+
+    async def load_store(self) -> None:
+        """Load every adapter in the store; refuse (and remember why) those that do not fit."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        for directory in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            name = directory.name
+            try:
+                if not valid_name(name):
+                    raise InvalidAdapter(f"task name {name!r} does not match {NAME_PATTERN}")
+                self.tasks[name] = await self._load(name, directory)
+                log.info("loaded task %s (version %s)", name, self.tasks[name].version)
+            except InvalidAdapter as exc:
+                self.skipped[name] = exc.detail
+                log.warning("skipped adapter %s: %s", directory, exc.detail)
+        self._publish()
+
+    async def install(self, name: str, config: bytes, weights: bytes) -> LoadedTask:
+        """Validate an uploaded adapter fully, then write it into the store and serve it.
+
+        Nothing changes (store or served tasks) unless every check passes.
+
+        Args:
+            name: Task name (already validated).
+            config: Contents of adapter_config.json.
+            weights: Contents of adapter_model.safetensors.
+        """
+        async with self._lock:
+            tmp = Path(tempfile.mkdtemp(prefix=f".upload-{name}-", dir=self.store))
+            try:
+                await asyncio.to_thread(_write_files, tmp, config, weights)
+                task = await self._load(name, tmp)
+                try:
+                    await asyncio.to_thread(_swap_into_place, tmp, self.store / name)
+                except OSError:
+                    await self.engine.retire(task)
+                    raise
+                task.adapter.path = self.store / name
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            old = self.tasks.get(name)
+            self.tasks[name] = task
+            self.skipped.pop(name, None)
+            self._publish()
+            if old is not None:
+                await self.engine.retire(old)
+            log.info("installed task %s (version %s)", name, task.version)
+            return task
+
+    async def delete(self, name: str) -> None:
+        """Stop serving a task and remove it from the store.
+
+        Args:
+            name: Task name (already validated).
+        """
+        async with self._lock:
+            if name not in self.tasks and name not in self.skipped:
+                raise UnknownTask(f"unknown task {name!r}", tasks=sorted(self.tasks))
+            await asyncio.to_thread(_remove_dir, self.store / name)
+            old = self.tasks.pop(name, None)
+            self.skipped.pop(name, None)
+            self._publish()
+            if old is not None:
+                await self.engine.retire(old)
+            log.info("deleted task %s", name)
+
+    async def _load(self, name: str, directory: Path) -> LoadedTask:
+        engine = self.engine
+        try:
+            # Reading the backbone's structure (shapes) is safe beside a running batch.
+            adapter = await asyncio.to_thread(load_adapter, directory, engine.backbone, engine.fingerprint)
+            version = await asyncio.to_thread(_sha256, directory / WEIGHTS_NAME)
+            data_config = resolve_config(adapter.data_config, engine.backbone)
+            expected = engine.input_size
+            if tuple(data_config["input_size"]) != expected:
+                got = tuple(data_config["input_size"])
+                raise AdapterError(f"input_size {got} differs from the backbone's {expected}")
+            transform = make_transform(data_config)
+            # A data config that builds but cannot run would fail every request: try it once now.
+            probe = transform(Image.new("RGB", expected[:0:-1]))
+            if tuple(probe.shape) != expected:
+                raise AdapterError(f"its preprocessing yields {tuple(probe.shape)}, not {expected}")
+            task = LoadedTask(name, f"{name}@{version}#{next(_keys)}", adapter, version, data_config, transform)
+            await engine.prepare(task)
+        except Exception as exc:  # any failure to load or run it means: refuse this adapter, say why
+            raise InvalidAdapter(f"adapter {name!r} refused: {exc}") from exc
+        return task
+
+    def _publish(self) -> None:
+        metrics = self.engine.metrics
+        metrics.adapters_loaded.set(len(self.tasks))
+        metrics.adapters_skipped.set(len(self.skipped))
+
+
+def _write_files(directory: Path, config: bytes, weights: bytes) -> None:
+    (directory / CONFIG_NAME).write_bytes(config)
+    (directory / WEIGHTS_NAME).write_bytes(weights)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+    # A directory rename is atomic: readers of the store see the old pair or the new, never a mix.
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{next(_keys)}"
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_dir(directory: Path) -> None:
+    if not directory.exists():
+        return
+    trash = directory.parent / f".{directory.name}.deleted-{os.getpid()}-{next(_keys)}"
+    os.replace(directory, trash)
+    shutil.rmtree(trash, ignore_errors=True)

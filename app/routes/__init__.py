@@ -1,0 +1,1 @@
+"""HTTP routes: classify, tasks (list/show/upload/delete), health and metrics."""

@@ -1,0 +1,46 @@
+"""POST /classify: images in, top-k classes of one task out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from app.deps import BatcherDep, EngineDep, PreprocessorDep, RegistryDep, SettingsDep
+from app.engine import BatchItem
+from app.payloads import read_images
+from app.registry import NAME_MAX, NAME_PATTERN
+from app.schemas import ClassifyResponse, classify_response
+
+router = APIRouter(tags=["classify"])
+
+_IMAGE = {"schema": {"type": "string", "format": "binary"}}
+_BODY = {"requestBody": {"required": True, "content": {
+    "image/jpeg": _IMAGE, "image/png": _IMAGE, "image/webp": _IMAGE,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+}}}
+
+
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY)
+async def classify(
+    request: Request,
+    task: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Task name.")],
+    registry: RegistryDep,
+    engine: EngineDep,
+    batcher: BatcherDep,
+    preprocessor: PreprocessorDep,
+    settings: SettingsDep,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="Classes per image.")] = 5,
+) -> ClassifyResponse:
+    """Classify a raw image body, or multipart `file` fields, under one task."""
+    start = time.perf_counter()
+    loaded = registry.get(task)
+    request.state.task = task
+    images = await read_images(request, settings.max_body_bytes, settings.max_images)
+    tensors = await preprocessor.decode_many(images, loaded.transform)
+    futures = batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors])
+    predictions = await asyncio.gather(*futures)
+    return classify_response(loaded, engine.fingerprint, time.perf_counter() - start, predictions)

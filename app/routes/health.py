@@ -1,0 +1,32 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.deps import MetricsDep
+from app.errors import NotReady
+from app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is alive."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health)
+async def readyz(request: Request) -> Health:
+    """The backbone is loaded and warmed up, and the server is not shutting down."""
+    if not getattr(request.app.state, "ready", False):
+        raise NotReady("not ready")
+    return Health(status="ready", tasks=len(request.app.state.registry.tasks))
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format."""
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

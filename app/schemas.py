@@ -1,0 +1,124 @@
+"""Request and response models of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from app.registry import LoadedTask
+
+
+class Prediction(BaseModel):
+    """One class of a top-k answer."""
+
+    label: str
+    index: int
+    score: float = Field(description="Softmax probability.")
+
+
+class ImageResult(BaseModel):
+    """The top-k classes of one image, best first."""
+
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    """Answer to POST /classify: one result per image, in request order."""
+
+    task: str
+    adapter_version: str = Field(description="First 12 hex digits of the adapter weights' sha256.")
+    backbone_fingerprint: str
+    time_ms: float = Field(description="Time spent in the server for this request.")
+    results: list[ImageResult]
+
+
+class BackboneInfo(BaseModel):
+    """The frozen backbone shared by every task."""
+
+    name: str
+    fingerprint: str
+    random_weights: bool = Field(description="True when the backbone is a random init: predictions are noise.")
+    device: str
+    dtype: str
+    input_size: list[int]
+    strategy: str
+
+
+class TaskInfo(BaseModel):
+    """A task in the store: served (`loaded`) or refused (`skipped`, with the reason)."""
+
+    name: str
+    state: Literal["loaded", "skipped"]
+    reason: str | None = None
+    version: str | None = None
+    num_classes: int | None = None
+    parameters: int | None = None
+    bytes: int | None = None
+    base_model: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Metrics recorded by the trainer.")
+    loaded_at: float | None = None
+
+
+class TaskDetail(TaskInfo):
+    """One task with its labels and configuration."""
+
+    labels: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    data_config: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskList(BaseModel):
+    """Answer to GET /tasks."""
+
+    backbone: BackboneInfo
+    tasks: list[TaskInfo]
+
+
+class Health(BaseModel):
+    """Answer to /healthz and /readyz."""
+
+    status: str
+    tasks: int | None = None
+
+
+def task_info(task: LoadedTask) -> TaskInfo:
+    """Summary of a served task.
+
+    Args:
+        task: The loaded task.
+    """
+    a = task.adapter
+    return TaskInfo(name=task.name, state="loaded", version=task.version, num_classes=a.num_classes,
+                    parameters=a.num_params, bytes=a.nbytes, base_model=a.base_model,
+                    metrics=dict(a.metadata.get("metrics") or {}), loaded_at=task.loaded_at)
+
+
+def task_detail(task: LoadedTask) -> TaskDetail:
+    """Everything about a served task.
+
+    Args:
+        task: The loaded task.
+    """
+    a = task.adapter
+    return TaskDetail(**task_info(task).model_dump(), labels=a.labels, config=a.config.to_dict(),
+                      data_config=task.data_config, metadata=a.metadata)
+
+
+def classify_response(task: LoadedTask, fingerprint: str, seconds: float,
+                      predictions: list[list[tuple[int, float]]]) -> ClassifyResponse:
+    """The /classify answer from the engine's (index, score) lists.
+
+    Args:
+        task: The task version that produced them.
+        fingerprint: The backbone's fingerprint.
+        seconds: Time spent on the request.
+        predictions: One best-first list per image.
+    """
+    labels = task.adapter.labels
+    results = [ImageResult(predictions=[Prediction(label=labels[i], index=i, score=s) for i, s in image])
+               for image in predictions]
+    return ClassifyResponse(task=task.name, adapter_version=task.version, backbone_fingerprint=fingerprint,
+                            time_ms=round(seconds * 1000, 3), results=results)

@@ -1,0 +1,61 @@
+"""Service settings: one pydantic-settings class, every field overridable as `RLRR_<FIELD>`.
+
+Nothing else in `app/` reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore")
+
+    # Backbone
+    backbone: str = Field("vit_tiny_patch16_224", description="timm model name of the frozen backbone.")
+    checkpoint: Path | None = Field(None, description="Local backbone weights (.safetensors/.pth); head ignored.")
+    pretrained: bool = Field(False, description="Load timm pretrained weights (hub or HF_HOME cache).")
+    seed: int = Field(0, description="Seed for random init, so a random backbone has a stable fingerprint.")
+
+    # Adapters
+    store: Path = Field(Path("store"), description="Adapter store: <store>/<task>/adapter_config.json + weights.")
+
+    # Execution
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when present.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute dtype on CUDA (auto: bfloat16 if supported, else float16); CPU is float32."
+    )
+    strategy: Literal["auto", "merged", "unmerged"] = Field(
+        "auto", description="auto: merged weights for single-task batches, MultiTaskViT for mixed ones."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most images in one model call.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest a queued image waits for its batch to fill.")
+    queue_size: int = Field(512, ge=1, description="Most images waiting; beyond it requests get 503.")
+    merged_cache_bytes: int = Field(
+        2**30, ge=0, description="Byte budget of the merged-weights LRU (an entry is about the backbone's size)."
+    )
+    preprocess_workers: int = Field(4, ge=1, description="Threads that decode and resize images.")
+    warmup: bool = Field(True, description="Run one batch per strategy before reporting ready.")
+
+    # Requests
+    admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /tasks; unset = disabled.")
+    max_body_bytes: int = Field(20 * 2**20, ge=1, description="Largest request body.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (width * height).")
+    max_images: int = Field(16, ge=1, description="Most images in one /classify request.")
+
+    # Server (used by `python -m app`)
+    host: str = Field("0.0.0.0", description="Interface uvicorn binds.")
+    port: int = Field(8000, description="Port uvicorn listens on.")
+    log_level: str = Field("info", description="Python/uvicorn log level.")
+
+    @field_validator("checkpoint", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker compose passes `${VAR:-}` as an empty string; that means "not set", not Path(".").
+        return None if value == "" else value

@@ -1,0 +1,177 @@
+"""Fixtures: a test_vit backbone checkpoint, a store of three non-identity adapters, images."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from adapters import RLRRConfig, add_rlrr, merge_rlrr, save_adapter
+from app.main import create_app
+from app.settings import Settings
+
+BACKBONE = "test_vit"
+TASKS = {  # name -> (classes, method)
+    "alpha": (5, "rlrr"),
+    "beta": (3, "ssf"),
+    "gamma": (7, "rlrr"),
+}
+
+
+@dataclass
+class Reference:
+    """A task's merged model, computed directly (the oracle served answers must equal)."""
+
+    merged: nn.Module
+    labels: list[str]
+
+    def probs(self, image: bytes) -> torch.Tensor:
+        """Softmax probabilities of one encoded image, with timm's eval transform."""
+        transform = create_transform(**resolve_data_config({}, model=self.merged), is_training=False)
+        x = transform(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+        with torch.no_grad():
+            return self.merged(x).softmax(-1)[0]
+
+
+def make_adapter(backbone_state: dict[str, torch.Tensor], num_classes: int, method: str, seed: int) -> nn.Module:
+    """An add_rlrr'ed test_vit on the given weights, with every trainable tensor perturbed.
+
+    Args:
+        backbone_state: Frozen backbone weights.
+        num_classes: Classes of the task head.
+        method: RLRRConfig preset.
+        seed: Seed of the perturbation.
+    """
+    model = timm.create_model(BACKBONE, pretrained=False)
+    model.load_state_dict(backbone_state)
+    add_rlrr(model, RLRRConfig.preset(method), num_classes=num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-identity: otherwise merged == unmerged == base proves nothing
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_flushed_thread() -> Iterator[None]:
+    # Reference forwards of these random tiny ViTs underflow to denormals, which crawl on x86 CPU
+    # worker threads (~0.5 s per image instead of 10 ms); one flushed thread keeps the suite fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rlrr")
+
+
+@pytest.fixture(scope="session")
+def backbone_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1234)
+    return {k: v.clone() for k, v in timm.create_model(BACKBONE, pretrained=False).state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(workdir: Path, backbone_state: dict[str, torch.Tensor]) -> Path:
+    path = workdir / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone_state.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_store(workdir: Path, backbone_state: dict[str, torch.Tensor]) -> tuple[Path, dict[str, Reference]]:
+    store, refs = workdir / "store", {}
+    for seed, (name, (classes, method)) in enumerate(TASKS.items()):
+        model = make_adapter(backbone_state, classes, method, seed)
+        labels = [f"{name}-class-{i}" for i in range(classes)]
+        save_adapter(model, store / name, base_model=BACKBONE, labels=labels,
+                     metadata={"metrics": {"top1": 0.5 + seed / 10}})
+        refs[name] = Reference(merge_rlrr(model).eval(), labels)
+    return store, refs
+
+
+@pytest.fixture
+def store(built_store: tuple[Path, dict[str, Reference]], tmp_path: Path) -> Path:
+    """A private copy of the store, so a test may upload and delete."""
+    return Path(shutil.copytree(built_store[0], tmp_path / "store"))
+
+
+@pytest.fixture(scope="session")
+def refs(built_store: tuple[Path, dict[str, Reference]]) -> dict[str, Reference]:
+    return built_store[1]
+
+
+@pytest.fixture
+def make_settings(store: Path, checkpoint: Path) -> Callable[..., Settings]:
+    def make(**overrides: object) -> Settings:
+        values = dict(backbone=BACKBONE, checkpoint=checkpoint, store=store, device="cpu", max_wait_ms=2.0,
+                      admin_token="s3cret", preprocess_workers=2)
+        return Settings(**{**values, **overrides})  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+def _png(seed: int, size: tuple[int, int] = (200, 180), fmt: str = "PNG") -> bytes:
+    """A random-noise image, encoded.
+
+    Args:
+        seed: Seed of the pixels.
+        size: (width, height).
+        fmt: PIL format name.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def png() -> Callable[..., bytes]:
+    """`png(seed, size=(w, h), fmt="PNG")`: a random-noise image, encoded."""
+    return _png
+
+
+def scores_of(result: dict) -> dict[str, float]:
+    """label -> score of one image result of a /classify answer."""
+    return {p["label"]: p["score"] for p in result["predictions"]}
+
+
+@pytest.fixture(scope="session")
+def scores() -> Callable[[dict], dict[str, float]]:
+    """`scores(result)`: label -> score of one image result."""
+    return scores_of
+
+
+@pytest.fixture
+def make_upload(tmp_path: Path, backbone_state: dict[str, torch.Tensor]) -> Callable[..., Path]:
+    """`make_upload(classes=4, seed=7, state=None)`: a saved adapter folder, ready to upload."""
+
+    def make(classes: int = 4, seed: int = 7, state: dict[str, torch.Tensor] | None = None) -> Path:
+        model = make_adapter(state or backbone_state, classes, "rlrr", seed)
+        labels = [f"up-{i}" for i in range(classes)]
+        return save_adapter(model, tmp_path / f"upload-{seed}-{classes}", base_model=BACKBONE, labels=labels)
+
+    return make

@@ -1,0 +1,140 @@
+"""The engine alone: the mixed-batch oracle, strategies, the merged-weights LRU, freeing tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.engine import BatchItem, Engine
+from app.main import create_app
+from app.metrics import Metrics
+
+AUTH = {"authorization": "Bearer s3cret"}
+
+
+def _items(app, names: list[str], png, top_k: int = 10) -> list[BatchItem]:  # noqa: ANN001
+    registry = app.state.registry
+    out = []
+    for i, name in enumerate(names):
+        task = registry.get(name)
+        out.append(BatchItem(task, task.transform(Image.open(io.BytesIO(png(i))).convert("RGB")), top_k))
+    return out
+
+
+def _run(engine: Engine, items: list[BatchItem]) -> list[list[tuple[int, float]]]:
+    return asyncio.run(engine.run(items))
+
+
+def _dist(prediction: list[tuple[int, float]]) -> dict[int, float]:
+    return dict(prediction)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "merged", "unmerged"])
+def test_mixed_batch_equals_each_task_alone(make_settings, refs, png, strategy) -> None:
+    app = create_app(make_settings(strategy=strategy))
+    with TestClient(app):
+        engine = app.state.engine
+        names = [["alpha", "beta", "gamma"][i % 3] for i in range(9)]
+        items = _items(app, names, png)
+        mixed = _run(engine, items)
+        for item, got in zip(items, mixed, strict=True):
+            alone = _dist(_run(engine, [item])[0])
+            assert _dist(got).keys() == alone.keys()
+            for index, score in alone.items():
+                assert _dist(got)[index] == pytest.approx(score, abs=1e-5)
+        for i, (name, got) in enumerate(zip(names, mixed, strict=True)):  # and the directly merged model
+            expected = refs[name].probs(png(i))
+            assert [_dist(got)[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=1e-5)
+        text = app.state.metrics.render().decode()
+    used = {"auto": ["merged", "unmerged"], "merged": ["merged"], "unmerged": ["unmerged"]}[strategy]
+    for name in used:
+        assert f'rlrr_batches_total{{strategy="{name}"}}' in text
+
+
+def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:
+    probe = create_app(make_settings())
+    with TestClient(probe):
+        one = probe.state.engine.cache.nbytes // 3  # three tasks of one architecture: equal sizes
+    app = create_app(make_settings(strategy="merged", merged_cache_bytes=int(one * 1.5), warmup=False))
+    with TestClient(app):
+        engine = app.state.engine  # room for exactly one task
+        for name in ["alpha", "beta", "alpha", "gamma", "gamma"]:
+            _run(engine, _items(app, [name], png))
+            assert engine.cache.nbytes <= engine.cache.max_bytes
+            assert len(engine.cache) == 1
+        text = app.state.metrics.render().decode()
+    evictions = [line for line in text.splitlines() if line.startswith("rlrr_merged_cache_evictions_total ")]
+    assert float(evictions[0].split()[1]) >= 4
+    assert "rlrr_merged_cache_hits_total 1.0" in text
+
+
+def test_zero_cache_folds_on_the_fly(make_settings, refs, png) -> None:
+    app = create_app(make_settings(merged_cache_bytes=0))
+    with TestClient(app):
+        engine = app.state.engine
+        got = _dist(_run(engine, _items(app, ["gamma"], png))[0])
+        assert len(engine.cache) == 0 and engine.cache.nbytes == 0
+    expected = refs["gamma"].probs(png(0))
+    assert [got[c] for c in range(7)] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_replaced_and_deleted_tasks_are_freed(client, make_upload) -> None:
+    app = client.app
+    engine, registry = app.state.engine, app.state.registry
+    old_alpha, old_beta = registry.get("alpha").key, registry.get("beta").key
+    directory = make_upload()
+    files = {name: (name, (directory / f).read_bytes()) for name, f in
+             [("config", "adapter_config.json"), ("weights", "adapter_model.safetensors")]}
+    assert client.put("/tasks/alpha", files=files, headers=AUTH).status_code == 200
+    assert client.delete("/tasks/beta", headers=AUTH).status_code == 204
+    assert old_alpha not in engine.multi.task_names and old_alpha not in engine.cache
+    assert old_beta not in engine.multi.task_names and old_beta not in engine.cache
+    assert registry.get("alpha").key in engine.multi.task_names
+    assert sorted(engine.multi.task_names) == sorted(t.key for t in registry.tasks.values())
+
+
+def test_a_retired_version_still_in_the_queue_is_served_then_freed(client, png) -> None:
+    app = client.app
+    engine, registry = app.state.engine, app.state.registry
+    items = _items(app, ["alpha", "gamma"], png)  # admitted before the delete
+    before = _run(engine, items)
+    assert client.delete("/tasks/gamma", headers=AUTH).status_code == 204
+    after = _run(engine, items)
+    for b, a in zip(before, after, strict=True):
+        assert _dist(a) == pytest.approx(_dist(b), abs=1e-5)
+    assert items[1].task.key not in engine.multi.task_names and items[1].task.key not in engine.cache
+    assert "gamma" not in registry.tasks
+
+
+def test_cpu_runs_float32(client) -> None:
+    engine = client.app.state.engine
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
+
+
+def test_half_precision_path_agrees_with_float32(make_settings, png) -> None:
+    # The CUDA dtype path (bf16 backbone, fp32-folded then cast weights), exercised on CPU.
+    app = create_app(make_settings())
+    with TestClient(app):
+        fp32 = app.state.engine
+        items = _items(app, ["alpha", "beta", "gamma", "alpha"], png)
+        want = _run(fp32, items)
+        backbone = copy.deepcopy(fp32.backbone).to(torch.bfloat16)
+        half = Engine(backbone, name="test_vit", fingerprint=fp32.fingerprint, random_weights=False,
+                      strategy="auto", cache_bytes=2**30, metrics=Metrics())
+        try:
+            for task in {item.task.key: item.task for item in items}.values():
+                asyncio.run(half.prepare(task))
+            mixed, single = _run(half, items), [_run(half, [item])[0] for item in items]
+        finally:
+            half.close()
+        assert fp32.dtype == torch.float32  # the served engine was untouched
+    for w, m, s in zip(want, mixed, single, strict=True):
+        for got in (m, s):
+            assert _dist(got).keys() == _dist(w).keys()
+            assert [_dist(got)[k] for k in _dist(w)] == pytest.approx(list(_dist(w).values()), abs=0.05)

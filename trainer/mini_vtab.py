@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -75,7 +76,7 @@ def _cifar(split: str, classes: Iterable[str]) -> list[tuple[Path, str]]:
 def _balanced(items: list, labels: list[str], n: int, rng: random.Random) -> list:
     """n items with (as near as possible) equal counts per label, in a shuffled order."""
     by_label: dict[str, list] = {}
-    for item, label in zip(items, labels):
+    for item, label in zip(items, labels, strict=True):
         by_label.setdefault(label, []).append(item)
     per = n // len(by_label)
     picked = [x for group in by_label.values() for x in rng.sample(group, min(per, len(group)))]
@@ -259,3 +260,21 @@ def prepare(out: Path = CACHE / "mini_vtab", tasks: Iterable[str] | None = None,
         sizes = prepare_task(name, out, seed)
         print(f"{name:14s} " + " ".join(f"{k}={v}" for k, v in sizes.items()), flush=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer prepare`: build the mini-VTAB tasks; returns the exit status."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainer prepare", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=CACHE / "mini_vtab", help="destination (git-ignored cache)")
+    ap.add_argument("--tasks", nargs="*", choices=sorted(TASKS), help="subset (default: all eight)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        prepare(args.out, args.tasks, args.seed)
+    except FileNotFoundError as e:
+        # Missing local sources (e.g. the Debian fashion-mnist package): say which, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

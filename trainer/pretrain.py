@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer pretrain", description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -73,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=PICO_WEIGHTS.parent)
     args = ap.parse_args(argv)
-    command = "python -m trainer pretrain " + " ".join(argv if argv is not None else sys.argv[2:])
+    # The resolved command (defaults included), so the model card reproduces the run by itself.
+    command = "python -m trainer pretrain " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
 
     # setup
     torch.manual_seed(args.seed)
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     steps_per_epoch = len(x_train) // args.batch_size
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    lr_at = lambda s: args.lr * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    def lr_at(s: int) -> float:
+        if s < warmup:
+            return args.lr * s / warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
 
     # loop
     step, t0 = 0, time.time()

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from adapters import RLRRConfig, adapter_state_dict, add_rlrr, fold_adapter, merge_rlrr
-from adapters.layers import RLRRLinear, SSFLayer
+from adapters.layers import FORWARD_MODES, RLRRLinear, SSFLayer, set_forward_mode
 
 # fp32 folding reorders the sums of each matmul; observed max |merged - unmerged| is ~3e-7 on
 # these models' logits (O(1) values). 1e-4 leaves a wide margin and still catches any real error
@@ -34,10 +34,11 @@ def images(model: torch.nn.Module, n: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(7))
 
 
+@pytest.mark.parametrize("mode", FORWARD_MODES)
 @pytest.mark.parametrize(("name", "kwargs"), MODELS)
 @torch.no_grad()
-def test_merged_equals_unmerged(name: str, kwargs: dict, make_vit, perturb) -> None:
-    model = perturb(add_rlrr(make_vit(name, **kwargs), RLRRConfig(), 6))
+def test_merged_equals_unmerged(name: str, kwargs: dict, mode: str, make_vit, perturb) -> None:
+    model = set_forward_mode(perturb(add_rlrr(make_vit(name, **kwargs), RLRRConfig(), 6)), mode)
     before = copy.deepcopy(model.state_dict())
     merged = merge_rlrr(model).eval()
     x = images(model)
@@ -51,10 +52,11 @@ def test_merged_equals_unmerged(name: str, kwargs: dict, make_vit, perturb) -> N
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("mode", FORWARD_MODES)
 @pytest.mark.parametrize("config", VARIANTS, ids=lambda c: str(c.to_dict()))
 @torch.no_grad()
-def test_every_variant_merges_exactly(config: RLRRConfig, make_vit, perturb) -> None:
-    model = perturb(add_rlrr(make_vit(), config, 4))
+def test_every_variant_merges_exactly(config: RLRRConfig, mode: str, make_vit, perturb) -> None:
+    model = set_forward_mode(perturb(add_rlrr(make_vit(), config, 4)), mode)
     x = images(model)
     assert (merge_rlrr(model).eval()(x) - model(x)).abs().max() < MERGE_ATOL
 
@@ -115,3 +117,23 @@ def test_fold_refuses_missing_and_non_finite_tensors(make_vit, perturb) -> None:
 def test_merge_needs_an_adapter(make_vit) -> None:
     with pytest.raises(ValueError, match="add_rlrr was not called"):
         merge_rlrr(make_vit())
+
+
+def test_fold_and_unmerged_forward_give_the_same_gradients(make_vit, perturb) -> None:
+    # The trainer uses the fold form; its gradients must be those of the method's unmerged form.
+    x = images(make_vit())
+    grads = {}
+    for mode in FORWARD_MODES:
+        torch.manual_seed(0)
+        model = set_forward_mode(perturb(add_rlrr(make_vit(), RLRRConfig(), 4)), mode)
+        model(x).square().sum().backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["fold"].keys() == grads["unmerged"].keys() and len(grads["fold"]) > 0
+    for n, g in grads["fold"].items():
+        # fp32 reassociation only; gradients are O(1)-O(10) here.
+        assert torch.allclose(g, grads["unmerged"][n], rtol=1e-4, atol=1e-5), n
+
+
+def test_forward_mode_is_validated(make_vit) -> None:
+    with pytest.raises(ValueError, match="forward mode"):
+        set_forward_mode(add_rlrr(make_vit(), RLRRConfig(), 4), "sideways")

@@ -285,7 +285,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     eval_tf = build_transform(data_config, train=False)
     shuffle_gen = torch.Generator()
     loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.workers,
-                 "pin_memory": device.type == "cuda", "persistent_workers": False}
+                 "pin_memory": device.type == "cuda", "persistent_workers": cfg.workers > 0}
     train_loader = DataLoader(ImageDataset(data.splits["train"], train_tf), shuffle=True,
                               generator=shuffle_gen, drop_last=False, **loader_kw)
     eval_loaders = {s: DataLoader(ImageDataset(data.splits[s], eval_tf), shuffle=False, **loader_kw)

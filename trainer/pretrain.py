@@ -1,6 +1,6 @@
 """Pretrain the in-house backbone from scratch on 5 CIFAR-10 classes (no ImageNet weights offline).
 
-    python -m trainer pretrain                       # ~25 min on 2 CPU cores, writes adapters/weights/
+    python -m trainer pretrain                       # ~17 min on 2 CPU cores, writes adapters/weights/
     python -m trainer pretrain --epochs 1 --out /tmp/w   # a quick look
 
 Classes airplane, automobile, bird, cat, deer of ../shared/data/cifar10-jpeg.tar.gz, train split,

@@ -156,7 +156,59 @@ class Registry:
                 await self.engine.retire(old)
             log.info("deleted task %s", name)
 
-    async def _load(self, name: str, directory: Path) -> LoadedTask:
+    async def load(self, name: str) -> LoadedTask:
+        """Load one task from the store on demand and serve it (a Ray replica loads only the tasks it is sent).
+
+        Args:
+            name: Task name.
+        """
+        directory = self._stored(name)
+        async with self._lock:
+            task = await self._load(name, directory)
+            old = self.tasks.get(name)
+            self.tasks[name] = task
+            self.skipped.pop(name, None)
+            self._publish()
+            if old is not None:
+                await self.engine.retire(old)
+        return task
+
+    async def inspect(self, name: str) -> LoadedTask:
+        """Validate a stored task against the backbone without serving it (nothing reaches the engine).
+
+        Args:
+            name: Task name.
+        """
+        return await self._load(name, self._stored(name), prepare=False)
+
+    async def unload(self, name: str, key: str | None = None) -> None:
+        """Stop serving a task but leave it in the store.
+
+        Args:
+            name: Task name.
+            key: Only unload this version (a newer one loaded meanwhile stays); None: any version.
+        """
+        async with self._lock:
+            task = self.tasks.get(name)
+            if task is None or (key is not None and task.key != key):
+                return
+            del self.tasks[name]
+            self._publish()
+            await self.engine.retire(task)
+
+    def stored_names(self) -> list[str]:
+        """Names of the task folders in the store (valid or not)."""
+        if not self.store.is_dir():
+            return []
+        return sorted(p.name for p in self.store.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _stored(self, name: str) -> Path:
+        directory = self.store / name
+        if not valid_name(name) or not (directory / CONFIG_NAME).is_file():
+            raise UnknownTask(f"unknown task {name!r}", tasks=self.stored_names())
+        return directory
+
+    async def _load(self, name: str, directory: Path, prepare: bool = True) -> LoadedTask:
         engine = self.engine
         try:
             # Reading the backbone's structure (shapes) is safe beside a running batch.
@@ -173,7 +225,8 @@ class Registry:
             if tuple(probe.shape) != expected:
                 raise AdapterError(f"its preprocessing yields {tuple(probe.shape)}, not {expected}")
             task = LoadedTask(name, f"{name}@{version}#{next(_keys)}", adapter, version, data_config, transform)
-            await engine.prepare(task)
+            if prepare:
+                await engine.prepare(task)
         except Exception as exc:  # any failure to load or run it means: refuse this adapter, say why
             raise InvalidAdapter(f"adapter {name!r} refused: {exc}") from exc
         return task

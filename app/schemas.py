@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
+    from app.engine import Engine
     from app.registry import LoadedTask
 
 
@@ -82,6 +83,17 @@ class Health(BaseModel):
 
     status: str
     tasks: int | None = None
+
+
+def backbone_info(engine: Engine) -> BackboneInfo:
+    """The served backbone, as GET /tasks shows it.
+
+    Args:
+        engine: The engine holding it.
+    """
+    return BackboneInfo(name=engine.name, fingerprint=engine.fingerprint, random_weights=engine.random_weights,
+                        device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+                        input_size=list(engine.input_size), strategy=engine.strategy)
 
 
 def task_info(task: LoadedTask) -> TaskInfo:

@@ -18,9 +18,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore")
 
     # Backbone
-    backbone: str = Field("vit_tiny_patch16_224", description="timm model name of the frozen backbone.")
+    # Default: the in-house backbone whose weights ship inside the package (adapters/weights), so a
+    # fresh offline machine serves real weights. Set RLRR_BACKBONE (+ CHECKPOINT/PRETRAINED) for yours.
+    backbone: str = Field("vit_pico_patch4_32.cifar5", description="timm model name of the frozen backbone.")
     checkpoint: Path | None = Field(None, description="Local backbone weights (.safetensors/.pth); head ignored.")
-    pretrained: bool = Field(False, description="Load timm pretrained weights (hub or HF_HOME cache).")
+    pretrained: bool = Field(True, description="Load timm pretrained weights (embedded, hub or HF_HOME cache).")
     seed: int = Field(0, description="Seed for random init, so a random backbone has a stable fingerprint.")
 
     # Adapters
@@ -53,6 +55,21 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface uvicorn binds.")
     port: int = Field(8000, description="Port uvicorn listens on.")
     log_level: str = Field("info", description="Python/uvicorn log level.")
+
+    # Ray Serve (`serve run app.ray_serve:app`): replicas of the classifier, each with one backbone
+    ray_replicas: int = Field(1, ge=1, description="Classifier replicas; the minimum when autoscaling.")
+    ray_max_replicas: int | None = Field(
+        None, ge=1, description="Autoscale between ray_replicas and this many replicas; unset = fixed count."
+    )
+    ray_target_requests: float = Field(
+        8.0, gt=0, description="Autoscaling target of ongoing requests per replica."
+    )
+    ray_gpus: float = Field(0.0, ge=0, description="GPUs per replica; 0.5 puts two replicas on each GPU.")
+    ray_cpus: float = Field(1.0, ge=0, description="CPUs reserved per classifier replica.")
+    ray_tasks_per_replica: int = Field(
+        32, ge=1, description="Most tasks a replica keeps loaded (Serve multiplexing, LRU beyond it)."
+    )
+    ray_ingress_replicas: int = Field(1, ge=1, description="Replicas of the thin HTTP ingress (no model).")
 
     @field_validator("checkpoint", "admin_token", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""python -m trainer [train] --task NAME ... | export --task NAME --out FILE | tasks | pretrain ...
+"""python -m trainer [train] --task NAME ... | export --task NAME --out FILE | tasks | sweep | pretrain ...
 
     python -m trainer --task dtd --data-root /data/vtab-1k               # recipe defaults, GPU + internet
     python -m trainer --task dtd --checkpoint vit_b16_in21k.safetensors  # offline: local backbone weights
@@ -8,6 +8,7 @@
     python -m trainer --task cub --method linear --run-dir runs/cub-lin  # baselines: ssf | linear | full
     python -m trainer --task cub --no-residual --init identity           # ablations (paper Table 6)
     python -m trainer export --task dtd --out dtd.safetensors            # merged standalone checkpoint
+    python -m trainer sweep --task dtd --val --grid lr=1e-3,3e-3,wd=1e-4,1e-3  # Ray Tune grid, best on val
     python -m trainer tasks                                              # the built-in task table
     python -m trainer train --help                                       # every training option
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from adapters import AdapterError
 
@@ -29,12 +31,20 @@ from .backbone import DEFAULT_BACKBONE
 from .errors import TrainerError
 from .tasks import BUILTIN_TASKS, FORMATS, get_task
 
+if TYPE_CHECKING:
+    from .loop import TrainConfig
+
 COMMANDS = ("train", "export", "tasks")
 # Subcommands implemented in sibling modules with their own `main(argv) -> int`, imported on use.
-DELEGATED = {"pretrain": "trainer.pretrain", "prepare": "trainer.mini_vtab"}
+DELEGATED = {"pretrain": "trainer.pretrain", "prepare": "trainer.mini_vtab", "sweep": "trainer.sweep"}
 
 
-def _train_parser(p: argparse.ArgumentParser) -> None:
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Add every training option (shared by `train` and `sweep`).
+
+    Args:
+        p: The parser to extend.
+    """
     g = p.add_argument_group("task and data")
     g.add_argument("--task", required=True, help="built-in task (see `tasks`) or a new name for your data")
     g.add_argument("--tasks-file", help="TOML file of user tasks and overrides (see trainer/tasks.py)")
@@ -83,14 +93,19 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Train, export and list RLRR task adapters.")
     sub = parser.add_subparsers(dest="command")
-    _train_parser(sub.add_parser("train", help="train a task (default command)"))
+    add_train_arguments(sub.add_parser("train", help="train a task (default command)"))
     _export_parser(sub.add_parser("export", help="write the merged standalone timm checkpoint"))
     sub.add_parser("tasks", help="list the built-in tasks")
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
-    from .loop import TrainConfig, train  # imported here: `tasks` and `--help` stay fast
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The resolved run configuration: the task's recipe with the command line's overrides.
+
+    Args:
+        args: Parsed `add_train_arguments` options.
+    """
+    from .loop import TrainConfig  # imported here: `tasks` and `--help` stay fast
 
     task = get_task(args.task, args.tasks_file)
     epochs = args.epochs or task.epochs
@@ -98,7 +113,7 @@ def _train(args: argparse.Namespace) -> None:
     ablation = {"left": not args.no_left, "right": not args.no_right, "residual": not args.no_residual,
                 "init": args.init}
     defaults = {"left": True, "right": True, "residual": True, "init": None}
-    cfg = TrainConfig(
+    return TrainConfig(
         task=task, data_root=args.data_root, format=args.format, holdout_val=args.val,
         backbone=args.backbone, checkpoint=args.checkpoint, img_size=args.img_size, method=args.method,
         rlrr_overrides={k: v for k, v in ablation.items() if v != defaults[k]},
@@ -109,7 +124,12 @@ def _train(args: argparse.Namespace) -> None:
         workers=args.workers, device=args.device, store=args.store, run_dir=args.run_dir,
         resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
     )
-    train(cfg)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .loop import train
+
+    train(config_from_args(args))
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Request, Response
 from app.deps import AdminDep, EngineDep, RegistryDep, SettingsDep
 from app.payloads import adapter_files, read_files
 from app.registry import NAME_MAX, NAME_PATTERN
-from app.schemas import BackboneInfo, TaskDetail, TaskInfo, TaskList, task_detail, task_info
+from app.schemas import TaskDetail, TaskInfo, TaskList, backbone_info, task_detail, task_info
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 TaskName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]
@@ -22,9 +22,7 @@ _UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": 
 @router.get("", response_model=TaskList)
 async def list_tasks(registry: RegistryDep, engine: EngineDep) -> TaskList:
     """The backbone, every served task, and every refused one with its reason."""
-    backbone = BackboneInfo(name=engine.name, fingerprint=engine.fingerprint, random_weights=engine.random_weights,
-                            device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-                            input_size=list(engine.input_size), strategy=engine.strategy)
+    backbone = backbone_info(engine)
     skipped = [TaskInfo(name=n, state="skipped", reason=r) for n, r in sorted(registry.skipped.items())]
     return TaskList(backbone=backbone, tasks=[task_info(t) for _, t in sorted(registry.tasks.items())] + skipped)
 

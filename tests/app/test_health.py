@@ -55,7 +55,7 @@ def test_openapi_and_docs(client) -> None:
 
 
 def test_random_backbone_is_said_plainly(make_settings, caplog, png) -> None:
-    settings = make_settings(checkpoint=None)
+    settings = make_settings(checkpoint=None, pretrained=False)
     with caplog.at_level(logging.WARNING, logger="app"), TestClient(create_app(settings)) as client:
         body = client.get("/tasks").json()
         assert body["backbone"]["random_weights"] is True
@@ -64,7 +64,7 @@ def test_random_backbone_is_said_plainly(make_settings, caplog, png) -> None:
         first = body["backbone"]["fingerprint"]
         assert 'random_weights="true"' in client.get("/metrics").text
     assert any("RANDOM weights" in r.getMessage() for r in caplog.records)
-    with TestClient(create_app(make_settings(checkpoint=None))) as again:
+    with TestClient(create_app(make_settings(checkpoint=None, pretrained=False))) as again:
         # a seeded init: the same random backbone (and fingerprint) in every process
         assert again.get("/tasks").json()["backbone"]["fingerprint"] == first
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -79,3 +80,25 @@ def test_settings_from_env(monkeypatch) -> None:
     settings = Settings()
     assert settings.checkpoint is None and settings.admin_token is None
     assert settings.max_batch_size == 7 and settings.strategy == "unmerged"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"backbone": "test_vit", "pretrained": True, "checkpoint": None}, "RLRR_CHECKPOINT=FILE"),
+        ({"backbone": "no_such_vit", "checkpoint": None}, "Unknown model"),
+        ({"checkpoint": "/nonexistent/w.safetensors"}, "no such file"),
+    ],
+)
+def test_python_m_app_says_why_the_backbone_cannot_be_had(make_settings, overrides, expected) -> None:
+    # `python -m app` checks this before uvicorn starts, so the user reads one line, not a traceback.
+    from app.__main__ import check_backbone
+
+    reason = check_backbone(make_settings(**overrides))
+    assert reason is not None and expected in reason
+
+
+def test_python_m_app_accepts_a_loadable_backbone(make_settings) -> None:
+    from app.__main__ import check_backbone
+
+    assert check_backbone(make_settings()) is None

@@ -22,6 +22,9 @@ RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 10001 --gid 10001 rlrr \
     && mkdir -p /data/store /data/hf \
     && chown -R rlrr:rlrr /data
+# The demo adapters (for the default in-house backbone) seed the store: Docker copies an image's
+# files into a named volume the first time it is created, and never again.
+COPY --chown=10001:10001 demo/store /data/store
 
 # Numeric ids: resolvable by the host (volume ownership) without its /etc/passwd.
 USER 10001:10001

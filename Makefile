@@ -22,6 +22,9 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# The embedded demo: the in-house backbone (package default) and the eight committed mini-VTAB
+# adapters. Point RLRR_STORE (and RLRR_BACKBONE, ...) elsewhere to serve your own.
+serve: export RLRR_STORE ?= demo/store
 serve: venv
 	$(BIN)/python -m app
 

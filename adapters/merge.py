@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -10,7 +11,7 @@ from . import rlrr
 from .config import RLRRConfig
 from .inject import adapter_state_dict, base_module, plan_targets, unwrap
 
-__all__ = ["fold_adapter", "merge_rlrr"]
+__all__ = ["fold_adapter", "check_fold", "merge_rlrr"]
 
 
 @torch.no_grad()
@@ -33,7 +34,39 @@ def fold_adapter(
     Raises:
         ValueError: A tensor the config needs is missing, or the result is not finite.
     """
-    folded: dict[str, torch.Tensor] = {}
+    folded = dict(_iter_fold(backbone, tensors, config))
+    bad = [k for k, v in folded.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"folding produced non-finite values in {bad[:5]}")
+    return folded
+
+
+@torch.no_grad()
+def check_fold(backbone: nn.Module, tensors: dict[str, torch.Tensor], config: RLRRConfig) -> int:
+    """Prove a task folds to finite weights without keeping them; returns the bytes they would take.
+
+    Folds one tensor at a time and drops it, so validating an adapter that will not be cached
+    costs one layer's memory, not a backbone's (and leaves no backbone-sized holes in the heap).
+
+    Args:
+        backbone: As for `fold_adapter`.
+        tensors: As for `fold_adapter`.
+        config: As for `fold_adapter`.
+
+    Raises:
+        ValueError: As `fold_adapter` does.
+    """
+    nbytes = 0
+    for name, value in _iter_fold(backbone, tensors, config):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"folding produced non-finite values in {[name]}")
+        nbytes += value.numel() * value.element_size()
+    return nbytes
+
+
+def _iter_fold(
+        backbone: nn.Module, tensors: dict[str, torch.Tensor], config: RLRRConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
     for t in plan_targets(backbone, config):
         m = base_module(backbone.get_submodule(t.path))
         dev = m.weight.device
@@ -47,16 +80,12 @@ def fold_adapter(
             b = m.bias
             if b is not None and f"{t.path}.rlrr_s" in tensors:
                 b = b + get("rlrr_s").to(b.dtype)
-        folded[f"{t.path}.weight"] = w
+        yield f"{t.path}.weight", w
         if b is not None:
-            folded[f"{t.path}.bias"] = b
+            yield f"{t.path}.bias", b
     ref = next(backbone.parameters())
     for name in ("head.weight", "head.bias"):
-        folded[name] = _need(tensors, name, ref.device).to(ref.dtype)
-    bad = [k for k, v in folded.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"folding produced non-finite values in {bad[:5]}")
-    return folded
+        yield name, _need(tensors, name, ref.device).to(ref.dtype)
 
 
 def _need(tensors: dict[str, torch.Tensor], name: str, device: torch.device | None) -> torch.Tensor:

@@ -7,8 +7,11 @@ one-sided, linear probe) share one batch:
     y = a · x Wᵀ + l ⊙ ((c ⊙ x) Wᵀ) + b + s
 
 A layer a task does not adapt gets a = 1, l = 0, s = 0; SSF it does not use gets γ = 1, β = 0.
-The stacked tensors live in an immutable snapshot that is swapped whole on add/remove, so a
-forward running in another thread always sees one consistent set of tasks.
+Each task's vectors are kept once, per task (on CPU in float32 they ARE the adapter's tensors, not
+a copy), and a forward stacks only the tasks its batch contains, layer by layer: loading task N
+costs its own bytes, not a restack of all N. The per-task tuples live in an immutable snapshot
+that is swapped whole on add/remove, so a forward running in another thread always sees one
+consistent set of tasks.
 """
 from __future__ import annotations
 
@@ -30,23 +33,41 @@ __all__ = ["MultiTaskViT"]
 
 
 @dataclass(frozen=True)
+class _Task:
+    layers: dict[str, dict[str, torch.Tensor]]  # target path -> tag -> tensor, on the model's device/dtype
+    head: tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+    all_residual: bool  # every layer of the task has a = 1
+
+
+@dataclass(frozen=True)
 class _Snapshot:
     names: tuple[str, ...]
-    layers: dict[str, dict[str, torch.Tensor]]  # target path -> tag -> (T, ...) stacked
-    heads: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    num_classes: tuple[int, ...]
-    all_residual: torch.Tensor  # (T,) bool: True when every layer of the task has a = 1
+    tasks: tuple[_Task, ...]
+
+    @property
+    def num_classes(self) -> tuple[int, ...]:
+        return tuple(t.num_classes for t in self.tasks)
 
 
 class _Rows(threading.local):
-    """Per-thread forward state: which snapshot and which task per row."""
+    """Per-thread forward state: the tasks present (snapshot indices) and each row's position among them."""
 
-    snap: _Snapshot | None = None
-    ids: torch.Tensor | None = None
+    tasks: list[_Task] | None = None
+    ids: torch.Tensor | None = None  # (B,) index into `tasks`
     residual_only: bool = True
 
     def take(self, path: str, tag: str) -> torch.Tensor:
-        return self.snap.layers[path][tag].index_select(0, self.ids)  # (B, ...)
+        # Stack only the tasks of this batch (U <= B small vectors), then one row per image.
+        stacked = torch.stack([t.layers[path][tag] for t in self.tasks])  # (U, ...)
+        return stacked.index_select(0, self.ids)  # (B, ...)
+
+
+_ONE, _ZERO = torch.ones(()), torch.zeros(())  # shared, never written: a per-layer scalar per task is ~0.5 kB
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach() if t.requires_grad else t
 
 
 def _rows_view(v: torch.Tensor, ndim: int, channel_dim: int = -1) -> torch.Tensor:
@@ -114,9 +135,9 @@ class MultiTaskViT(nn.Module):
                        else _RowSSF(base, t.path, self._rows, t.channel_dim))
             parent, _, name = t.path.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, name, wrapper)
-        self._canonical: dict[str, dict] = {}  # task -> canonical CPU fp32 tensors + head
+        self._tasks: dict[str, _Task] = {}  # insertion order = task index order
         self._lock = threading.Lock()
-        self._snap = self._build([])
+        self._snap = _Snapshot((), ())
 
     @property
     def task_names(self) -> list[str]:
@@ -137,17 +158,17 @@ class MultiTaskViT(nn.Module):
             config: The adapter's configuration; its targets must be within the layout.
             num_classes: Classes of its head.
         """
-        canonical = self._canonicalize(tensors, config, num_classes)
+        task = self._to_model(self._canonicalize(tensors, config, num_classes))
         with self._lock:
-            self._canonical[name] = canonical
-            self._snap = self._build(list(self._canonical))
+            self._tasks[name] = task
+            self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
 
     def remove_task(self, name: str) -> None:
         with self._lock:
-            if name not in self._canonical:
+            if name not in self._tasks:
                 raise KeyError(f"unknown task {name!r}")
-            del self._canonical[name]
-            self._snap = self._build(list(self._canonical))
+            del self._tasks[name]
+            self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
 
     def _canonicalize(self, tensors: dict[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> dict:
         shapes = adapter_shapes(self.model, config, num_classes)
@@ -159,7 +180,9 @@ class MultiTaskViT(nn.Module):
         outside = [p for p, t in own.items() if self._targets.get(p, Target("", "")).kind != t.kind]
         if outside:
             raise ValueError(f"adapter targets {outside[:3]} are outside this server's layout")
-        get = lambda key: tensors[key].detach().float().cpu()
+        # No-ops for the usual CPU float32 adapter tensors (the same tensor object comes back): the
+        # canonical form shares them instead of holding a second copy or extra tensor objects.
+        get = lambda key: _plain(tensors[key]).float().cpu()
         layers = {}
         for path, t in self._targets.items():
             m = base_module(self.model.get_submodule(path))
@@ -171,14 +194,14 @@ class MultiTaskViT(nn.Module):
                 continue
             out_f, in_f = m.out_features, m.in_features
             if path not in own:
-                layers[path] = {"a": torch.ones(()), "l": torch.zeros(out_f),
+                layers[path] = {"a": _ONE, "l": torch.zeros(out_f),
                                 "c": torch.ones(t.groups, in_f), "s": torch.zeros(out_f)}
                 continue
             c = get(f"{path}.rlrr_c") if config.right else torch.ones(1, in_f)
             if c.shape[0] != t.groups:  # one shared column vector serves every q/k/v slice alike
                 c = c.expand(t.groups, in_f).clone()
             layers[path] = {
-                "a": torch.tensor(1.0 if config.residual else 0.0),
+                "a": _ONE if config.residual else _ZERO,
                 "l": get(f"{path}.rlrr_l") if config.left else torch.ones(out_f),
                 "c": c,
                 "s": get(f"{path}.rlrr_s") if f"{path}.rlrr_s" in tensors else torch.zeros(out_f),
@@ -187,22 +210,13 @@ class MultiTaskViT(nn.Module):
         all_residual = config.residual or not any(t.kind == "rescale" for t in own.values())
         return {"layers": layers, "head": head, "num_classes": num_classes, "all_residual": all_residual}
 
-    def _build(self, names: list[str]) -> _Snapshot:
+    def _to_model(self, canonical: dict) -> _Task:
+        # On CPU in float32 `.to` returns the tensor itself: the task's vectors are not copied.
         ref = next(self.model.parameters())
         to = lambda t: t.to(device=ref.device, dtype=ref.dtype)
-        tasks = [self._canonical[n] for n in names]
-        layers = {
-            path: {tag: to(torch.stack([task["layers"][path][tag] for task in tasks]))
-                   for tag in (("scale", "shift") if t.kind == "ssf" else ("a", "l", "c", "s"))}
-            for path, t in self._targets.items()
-        } if tasks else {}
-        return _Snapshot(
-            names=tuple(names),
-            layers=layers,
-            heads=tuple((to(task["head"][0]), to(task["head"][1])) for task in tasks),
-            num_classes=tuple(task["num_classes"] for task in tasks),
-            all_residual=torch.tensor([task["all_residual"] for task in tasks], dtype=torch.bool),
-        )
+        layers = {path: {tag: to(v) for tag, v in tags.items()} for path, tags in canonical["layers"].items()}
+        head = (to(canonical["head"][0]), to(canonical["head"][1]))
+        return _Task(layers, head, canonical["num_classes"], canonical["all_residual"])
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, task_ids: torch.Tensor | Sequence[str]) -> torch.Tensor:
@@ -229,18 +243,20 @@ class MultiTaskViT(nn.Module):
         ids_cpu = task_ids.to("cpu", torch.long)
         if ids_cpu.numel() != images.shape[0] or ids_cpu.min() < 0 or ids_cpu.max() >= len(snap.names):
             raise ValueError(f"task_ids must hold {images.shape[0]} indices in [0, {len(snap.names)})")
+        present, local = ids_cpu.unique(return_inverse=True)  # the U tasks of this batch; row -> 0..U-1
+        tasks = [snap.tasks[t] for t in present.tolist()]
         rows = self._rows
-        rows.snap, rows.ids = snap, ids_cpu.to(images.device)
-        rows.residual_only = bool(snap.all_residual[ids_cpu].all())
+        rows.tasks, rows.ids = tasks, local.to(images.device)
+        rows.residual_only = all(t.all_residual for t in tasks)
         try:
             feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
         finally:
-            rows.snap = rows.ids = None
+            rows.tasks = rows.ids = None
         logits = feats.new_full((feats.shape[0], max(snap.num_classes)), float("-inf"))
-        for t in ids_cpu.unique().tolist():  # heads differ in size: one small matmul per task present
-            sel = (ids_cpu == t).nonzero().squeeze(1).to(feats.device)
-            w, b = snap.heads[t]
-            logits[sel, : snap.num_classes[t]] = F.linear(feats.index_select(0, sel), w, b)
+        for u, task in enumerate(tasks):  # heads differ in size: one small matmul per task present
+            sel = (local == u).nonzero().squeeze(1).to(feats.device)
+            w, b = task.head
+            logits[sel, : task.num_classes] = F.linear(feats.index_select(0, sel), w, b)
         return logits
 
     @property

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from adapters import RLRRConfig, adapter_state_dict, add_rlrr, fold_adapter, merge_rlrr
+from adapters import RLRRConfig, adapter_state_dict, add_rlrr, check_fold, fold_adapter, merge_rlrr
 from adapters.layers import FORWARD_MODES, RLRRLinear, SSFLayer, set_forward_mode
 
 # fp32 folding reorders the sums of each matmul; observed max |merged - unmerged| is ~3e-7 on
@@ -112,6 +112,20 @@ def test_fold_refuses_missing_and_non_finite_tensors(make_vit, perturb) -> None:
     tensors["blocks.0.mlp.fc1.rlrr_c"][0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         fold_adapter(model, tensors, model.rlrr_config)
+
+
+def test_check_fold_validates_like_fold_adapter_without_keeping(make_vit, perturb) -> None:
+    model = perturb(add_rlrr(make_vit(), RLRRConfig(), 5))
+    tensors = adapter_state_dict(model)
+    folded = fold_adapter(model, tensors, model.rlrr_config)
+    assert check_fold(model, tensors, model.rlrr_config) == sum(v.numel() * v.element_size() for v in folded.values())
+    broken = dict(tensors)
+    del broken["blocks.0.mlp.fc1.rlrr_l"]
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1.rlrr_l' is missing"):
+        check_fold(model, broken, model.rlrr_config)
+    tensors["blocks.0.mlp.fc1.rlrr_c"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        check_fold(model, tensors, model.rlrr_config)
 
 
 def test_merge_needs_an_adapter(make_vit) -> None:

@@ -32,10 +32,16 @@ class Metrics:
             "rlrr_inference_seconds", "Model time per batch.", ["strategy"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.images = Counter("rlrr_images_total", "Images classified, by task.", ["task"], registry=r)
-        self.batches = Counter("rlrr_batches_total", "Batches run, by execution strategy.", ["strategy"], registry=r)
+        self.batches = Counter(
+            "rlrr_batches_total", "Batches run, by execution strategy (hybrid: both in one batch).", ["strategy"],
+            registry=r,
+        )
         self.cache_hits = Counter("rlrr_merged_cache_hits_total", "Merged-weights cache hits.", registry=r)
         self.cache_misses = Counter("rlrr_merged_cache_misses_total", "Merged-weights cache misses.", registry=r)
         self.cache_evictions = Counter("rlrr_merged_cache_evictions_total", "Merged-weights evictions.", registry=r)
+        self.auto_cost = Gauge(
+            "rlrr_auto_cost_seconds", "Costs the auto strategy plans with (measured at warm-up).", ["kind"], registry=r
+        )
         self.cache_bytes = Gauge("rlrr_merged_cache_bytes", "Bytes held by the merged-weights cache.", registry=r)
         self.adapters_loaded = Gauge("rlrr_adapters_loaded", "Adapters being served.", registry=r)
         self.adapters_skipped = Gauge("rlrr_adapters_skipped", "Adapters in the store that were refused.", registry=r)

@@ -11,11 +11,16 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.engine import BatchItem, Engine
+from app.engine import BatchItem, Costs, Engine
 from app.main import create_app
 from app.metrics import Metrics
 
 AUTH = {"authorization": "Bearer s3cret"}
+# Probabilities of one image computed two ways in float32 (grouped merged calls, the unmerged
+# two-matmul form, timm's merged model) differ only by rounding in a different order of
+# operations (~1e-7 relative per op through 4 random blocks); 1e-5 is far above that and far
+# below any wrong-task or wrong-row error (those move probabilities by > 1e-2).
+TOL = 1e-5
 
 
 def _items(app, names: list[str], png, top_k: int = 10) -> list[BatchItem]:  # noqa: ANN001
@@ -52,9 +57,67 @@ def test_mixed_batch_equals_each_task_alone(make_settings, refs, png, strategy) 
             expected = refs[name].probs(png(i))
             assert [_dist(got)[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=1e-5)
         text = app.state.metrics.render().decode()
-    used = {"auto": ["merged", "unmerged"], "merged": ["merged"], "unmerged": ["unmerged"]}[strategy]
-    for name in used:
-        assert f'rlrr_batches_total{{strategy="{name}"}}' in text
+    if strategy == "auto":  # which form auto picks depends on the costs it measured on this machine
+        assert any(f'rlrr_batches_total{{strategy="{name}"}}' in text for name in ("merged", "unmerged", "hybrid"))
+    else:
+        assert f'rlrr_batches_total{{strategy="{strategy}"}}' in text
+
+
+def test_hybrid_batch_equals_each_task_merged(make_settings, refs, png) -> None:
+    # A batch whose cached tasks run merged (one call per task group) and whose uncached task runs
+    # unmerged, in one batch: every row must still equal its own task's directly merged model.
+    app = create_app(make_settings(strategy="auto"))
+    with TestClient(app):
+        engine = app.state.engine
+        names = ["alpha", "beta", "gamma", "alpha", "alpha", "beta", "gamma"]
+        items = _items(app, names, png)
+        keys = {name: app.state.registry.get(name).key for name in ("alpha", "beta", "gamma")}
+        # Folds priced prohibitive and a cache too small for every task: an uncached task stays unmerged.
+        engine.costs = Costs(merged_row=1.0, merged_call=0.0, unmerged_row=2.0, unmerged_call=0.0, fold=100.0)
+        engine.cache.max_bytes = engine.cache.nbytes // 3 * 2
+        engine.cache.pop(keys["beta"])
+        plan = engine._plan({keys[n]: names.count(n) for n in ("alpha", "beta", "gamma")}, None)
+        assert plan == {keys["alpha"]: "merged", keys["beta"]: "unmerged", keys["gamma"]: "merged"}
+        got = _run(engine, items)
+        assert keys["beta"] not in engine.cache  # served unmerged: nothing was folded
+        text = app.state.metrics.render().decode()
+    assert 'rlrr_batches_total{strategy="hybrid"} 1.0' in text
+    for i, (name, prediction) in enumerate(zip(names, got, strict=True)):
+        expected = refs[name].probs(png(i))
+        assert [_dist(prediction)[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=TOL)
+
+
+def test_auto_plan_follows_the_costs(make_settings) -> None:
+    # The rule alone (no timing): rows of cached tasks run merged when a merged row is cheaper; an
+    # uncached one-row group is folded only when the fold costs less than its unmerged surcharge;
+    # expensive calls with small groups (a GPU's regime) send the whole batch through one unmerged pass.
+    app = create_app(make_settings(strategy="auto"))
+    with TestClient(app):
+        engine = app.state.engine
+        a, b, g = (app.state.registry.get(n).key for n in ("alpha", "beta", "gamma"))
+        engine.cache.max_bytes = engine.cache.nbytes // 3 * 2  # the cache cannot hold every task
+        engine.cache.pop(b)
+        counts = {a: 3, b: 1, g: 2}
+        cpu = Costs(merged_row=0.05, merged_call=0.001, unmerged_row=0.15, unmerged_call=0.001, fold=0.3)
+        engine.costs = cpu
+        assert engine._plan(counts, None) == {a: "merged", b: "unmerged", g: "merged"}
+        engine.costs = Costs(**{**vars(cpu), "fold": 0.05})  # a cheap fold pays for itself on one row
+        assert set(engine._plan(counts, None).values()) == {"merged"}
+        engine.costs = Costs(merged_row=0.0001, merged_call=0.01, unmerged_row=0.0002, unmerged_call=0.01, fold=0.01)
+        assert set(engine._plan(counts, None).values()) == {"unmerged"}
+        engine.cache.max_bytes = 2**40  # every task fits: a fold is paid once, so it counts as free
+        engine.costs = cpu
+        assert set(engine._plan(counts, None).values()) == {"merged"}
+        assert set(engine._plan(counts, "unmerged").values()) == {"unmerged"}  # forcing wins
+
+
+def test_warm_up_measures_the_costs(client) -> None:
+    engine = client.app.state.engine
+    costs = vars(engine.costs)
+    assert all(value >= 0 for value in costs.values()) and engine.costs.merged_row > 0
+    text = client.app.state.metrics.render().decode()
+    for name in costs:
+        assert f'rlrr_auto_cost_seconds{{kind="{name}"}}' in text
 
 
 def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 __all__ = ["TASKS", "GROUPS", "SHARED_DATA", "CACHE", "extract_shared", "prepare", "prepare_task"]
 
@@ -102,7 +102,9 @@ def ants_bees(rng: random.Random) -> dict[str, list[Sample]]:
 
 
 def _thumb(img: Image.Image, size: int) -> Image.Image:
-    return img.resize((size, size), Image.BICUBIC)
+    # Shorter side to `size`, then a centre square: the framing timm's eval transform gives a
+    # full-size photo at serving time (a plain squash here would train on other proportions).
+    return ImageOps.fit(img, (size, size), Image.BICUBIC)
 
 
 def _idx(path: Path) -> np.ndarray:

@@ -1,0 +1,649 @@
+"""Serving throughput of many tasks on one backbone, end to end through the real HTTP server.
+
+    python bench/serve.py --quick          # everything in under ~3 minutes (noisy)
+    python bench/serve.py                  # the default, longer and steadier run
+    python bench/serve.py --backbone vit_tiny_patch16_224 --tasks 20 --seconds 20
+
+One invocation generates N non-identity RLRR adapters (random vectors through `add_rlrr`, heads of
+different class counts, fingerprinted against the backbone the server builds from the same name
+and RLRR_SEED), then starts `python -m app` (uvicorn) once per server configuration and drives it
+with a closed loop of C async httpx clients, one JPEG per request, for a fixed time after a
+warm-up. Scenarios:
+
+    single      every request to one task (the baseline: one merged model)
+    uniform-N   tasks drawn uniformly from N; meanwhile one task is replaced (PUT) and a spare
+                one deleted (DELETE), and every request must still succeed
+    zipf-N      tasks drawn from a Zipf(1.1) law over N
+    naive-N     uniform over N served the way one would without this product: batch size 1 and
+                the task's adapter folded into the weights for every request
+
+and single / uniform / zipf once per execution strategy (auto, merged, unmerged). Also measured:
+the in-process ceiling (the same merged model's forward at the same batch size, no HTTP, in this
+process) and the server's resident memory with 1 task and with N tasks loaded (merged cache off).
+Every ratio is against `single` under `auto` of the same run, so a noisy machine moves numerator
+and denominator together. Results: a table on stdout, `bench/out/serve.json`, `bench/out/serve.png`.
+Weights are random (speed does not depend on their values).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/serve.py` from anywhere imports this checkout
+
+from adapters import (  # noqa: E402
+    RLRRConfig,
+    adapter_state_dict,
+    add_rlrr,
+    backbone_fingerprint,
+    fold_adapter,
+    save_adapter,
+)
+from app.engine import load_backbone  # noqa: E402
+from app.settings import Settings  # noqa: E402
+
+TOKEN = "bench-token"
+STRATEGIES = ("auto", "merged", "unmerged")
+ZIPF_S = 1.1
+
+
+@dataclass
+class Row:
+    """One measured scenario (a line of the table).
+
+    Attributes:
+        scenario: single, uniform-N, zipf-N, naive-N or ceiling.
+        strategy: The server's RLRR_STRATEGY (or a note for the special rows).
+        images_per_s: Images answered with 200 inside the timed window, per second.
+        p50_ms: Median request latency of the window.
+        p95_ms: 95th percentile latency.
+        p99_ms: 99th percentile latency.
+        mean_batch: Mean images per model call (server metrics).
+        mix: Share of batches per execution strategy (server metrics).
+        folds: Merged-cache misses (a task folded on demand) in the window.
+        requests: Requests completed inside the window.
+        failures: Requests (and admin calls) that did not succeed, warm-up included.
+        admin: What the upload/delete during the run answered.
+        ratio: images_per_s over single/auto's.
+        done: Completion times of the window, seconds from its start (for re-analysis).
+    """
+
+    scenario: str
+    strategy: str
+    images_per_s: float
+    p50_ms: float = math.nan
+    p95_ms: float = math.nan
+    p99_ms: float = math.nan
+    mean_batch: float = math.nan
+    mix: dict[str, float] = field(default_factory=dict)
+    folds: int = 0
+    requests: int = 0
+    failures: int = 0
+    admin: list[str] = field(default_factory=list)
+    ratio: float = math.nan
+    done: list[float] = field(default_factory=list)
+
+
+# -- adapters -------------------------------------------------------------------------------------
+
+
+def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int) -> dict[str, Any]:
+    """Write N non-identity adapters (t00..), a spare one and a replacement for t03 into `root`.
+
+    Args:
+        root: Folder that receives `adapters/<name>/` folders.
+        backbone_name: timm name; the backbone is built exactly as the server builds it.
+        seed: RLRR_SEED of the server (random backbone init).
+        n_tasks: How many served tasks.
+
+    Returns:
+        Paths of the adapter folders, their file sizes, and the backbone (for the ceiling).
+    """
+    settings = Settings(backbone=backbone_name, pretrained=False, checkpoint=None, seed=seed)
+    backbone, _ = load_backbone(settings)
+    fingerprint = backbone_fingerprint(backbone)
+    config = RLRRConfig()
+    template = add_rlrr(load_backbone(settings)[0], config, num_classes=2)
+    base = {k: v for k, v in adapter_state_dict(template).items() if not k.startswith("head.")}
+    width = template.num_features
+    del template
+    names = [f"t{i:02d}" for i in range(n_tasks)] + ["spare", "t03-v2"]
+    folders: dict[str, Path] = {}
+    for i, name in enumerate(names):
+        gen = torch.Generator().manual_seed(10_000 + i)
+        classes = 2 + (i * 37) % 199  # 2..200 classes: every head has its own width
+        # Non-identity: every vector moves by ~0.1 (identity adapters would make merged == base prove nothing).
+        tensors = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        tensors["head.weight"] = 0.05 * torch.randn(classes, width, generator=gen)
+        tensors["head.bias"] = 0.01 * torch.randn(classes, generator=gen)
+        folders[name] = save_adapter(tensors, root / "adapters" / name, base_model=backbone_name, config=config,
+                                     fingerprint=fingerprint, num_classes=classes,
+                                     labels=[f"{name}-{c}" for c in range(classes)])
+    sizes = {n: sum(f.stat().st_size for f in d.iterdir()) for n, d in folders.items()}
+    return {"folders": folders, "sizes": sizes, "backbone": backbone, "config": config}
+
+
+def fill_store(store: Path, folders: dict[str, Path], names: list[str]) -> Path:
+    """A fresh store holding copies of the named adapters (each server may PUT/DELETE in its own).
+
+    Args:
+        store: Folder to create.
+        folders: Name -> adapter folder, from `make_store`.
+        names: Which adapters to put in.
+    """
+    store.mkdir(parents=True)
+    for name in names:
+        shutil.copytree(folders[name], store / name)
+    return store
+
+
+def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs (smooth random colour fields, so they compress like photos, not noise).
+
+    Args:
+        n: How many.
+        size: Width and height in pixels.
+        seed: Seed of the pixels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        small = torch.randint(0, 256, (12, 12, 3), generator=gen, dtype=torch.uint8).numpy()
+        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+
+class Server:
+    """`python -m app` in a subprocess, on a free local port.
+
+    Args:
+        name: Label (log file name).
+        out: Folder for the server's log.
+        env: RLRR_* values on top of the defaults below.
+        timeout_s: Longest wait for /readyz.
+    """
+
+    def __init__(self, name: str, out: Path, env: dict[str, str], timeout_s: float = 600.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        full = {**os.environ, "RLRR_HOST": "127.0.0.1", "RLRR_PORT": str(self.port), "RLRR_DEVICE": "cpu",
+                "RLRR_PRETRAINED": "false", "RLRR_CHECKPOINT": "", "RLRR_ADMIN_TOKEN": TOKEN,
+                "RLRR_LOG_LEVEL": "warning", "HF_HUB_OFFLINE": "1", **env}
+        self.log = out / f"server-{name}.log"
+        start = time.perf_counter()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = start + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {name} exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise TimeoutError(f"server {name} not ready after {timeout_s:.0f} s; see {self.log}")
+            time.sleep(0.25)
+        self.startup_s = time.perf_counter() - start
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the uvicorn process (VmRSS)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def metrics(self) -> dict[str, float]:
+        """The Prometheus samples of /metrics, `name{labels}` -> value."""
+        out = {}
+        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the load generator ---------------------------------------------------------------------------
+
+
+def drawer(kind: str, n_tasks: int, seed: int) -> Callable[[], str]:
+    """A function that draws the task of the next request.
+
+    Args:
+        kind: single, uniform or zipf.
+        n_tasks: Number of tasks to draw from.
+        seed: Seed of the draw.
+    """
+    rng = random.Random(seed)
+    names = [f"t{i:02d}" for i in range(n_tasks)]
+    if kind == "single":
+        return lambda: names[0]
+    if kind == "uniform":
+        return lambda: rng.choice(names)
+    weights = [k ** -ZIPF_S for k in range(1, n_tasks + 1)]
+    cum = [sum(weights[: i + 1]) for i in range(n_tasks)]
+    return lambda: rng.choices(names, cum_weights=cum)[0]
+
+
+async def drive(server: Server, draw: Callable[[], str], jpegs: list[bytes], clients: int, warmup_s: float,
+                seconds: float, admin: list[tuple[float, str, str, dict[str, Any] | None]] | None = None,
+                ) -> dict[str, Any]:
+    """Closed loop: each client sends one image, waits for the answer, sends the next.
+
+    Args:
+        server: The running server.
+        draw: Task of the next request.
+        jpegs: Encoded images, used in turn.
+        clients: Concurrent clients (C).
+        warmup_s: Untimed seconds first.
+        seconds: Timed window.
+        admin: (fraction of the window, method, path, files) calls made during the window.
+
+    Returns:
+        Latencies and counts of the window, failures, admin answers, metric snapshots.
+    """
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    headers = {"content-type": "image/jpeg"}
+    state = {"failures": 0, "errors": []}
+    latencies: list[float] = []
+    done: list[float] = []
+    loop_start = time.perf_counter()
+    t0, t1 = loop_start + warmup_s, loop_start + warmup_s + seconds
+    before: dict[str, float] = {}
+    counter = iter(range(10**12))
+
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
+
+        async def client() -> None:
+            while time.perf_counter() < t1:
+                task, body = draw(), jpegs[next(counter) % len(jpegs)]
+                start = time.perf_counter()
+                try:
+                    r = await http.post(f"/classify?task={task}&top_k=1", content=body, headers=headers)
+                    ok = r.status_code == 200
+                    if not ok and len(state["errors"]) < 5:
+                        state["errors"].append(f"{r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    ok = False
+                    if len(state["errors"]) < 5:
+                        state["errors"].append(repr(exc))
+                end = time.perf_counter()
+                if not ok:
+                    state["failures"] += 1
+                elif t0 <= end <= t1:
+                    latencies.append(end - start)
+                    done.append(end)
+
+        async def snapshot() -> None:
+            await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+            before.update(await asyncio.to_thread(server.metrics))
+
+        async def admin_calls() -> list[str]:
+            answers = []
+            for frac, method, path, files in admin or []:
+                await asyncio.sleep(max(0.0, t0 + frac * seconds - time.perf_counter()))
+                try:
+                    r = await http.request(method, path, files=files, headers={"authorization": f"Bearer {TOKEN}"})
+                    answers.append(f"{method} {path}: {r.status_code}")
+                    if r.status_code >= 300:
+                        state["failures"] += 1
+                except httpx.HTTPError as exc:
+                    answers.append(f"{method} {path}: {exc!r}")
+                    state["failures"] += 1
+            return answers
+
+        results = await asyncio.gather(snapshot(), admin_calls(), *(client() for _ in range(clients)))
+    after = await asyncio.to_thread(server.metrics)
+    return {"latencies": latencies, "done": done, "seconds": seconds, "failures": state["failures"],
+            "errors": state["errors"], "admin": results[1], "before": before, "after": after}
+
+
+def rate(done: list[float], seconds: float, gap_s: float = 0.05) -> float:
+    """Images per second from the completion times of one window.
+
+    Answers leave in bursts, one per batch, so `count / window` is off by up to a batch whenever
+    a window holds only a few batches. Counting from the end of the first burst to the last
+    answer removes that: (N - first burst) / (last - first). A burst is a chain of answers less
+    than `gap_s` apart; when the bursts span less than half the window (a window of one or two
+    batches), the plain count / window is returned.
+
+    Args:
+        done: Completion times (perf_counter) inside the window.
+        seconds: Window length.
+        gap_s: Answers closer than this to the previous one belong to its burst.
+    """
+    done = sorted(done)
+    if len(done) < 2 or done[-1] - done[0] < seconds / 2:
+        return len(done) / seconds
+    first = 1
+    while first < len(done) and done[first] - done[first - 1] <= gap_s:
+        first += 1
+    return (len(done) - first) / (done[-1] - done[0])
+
+
+def summarize(scenario: str, strategy: str, run: dict[str, Any]) -> Row:
+    """A table row from one `drive` result.
+
+    Args:
+        scenario: Scenario name.
+        strategy: Strategy label.
+        run: Output of `drive`.
+    """
+    lat = sorted(run["latencies"])
+    q = lambda p: 1e3 * lat[min(len(lat) - 1, int(p * len(lat)))] if lat else math.nan  # noqa: E731
+    delta = lambda key: run["after"].get(key, 0.0) - run["before"].get(key, 0.0)  # noqa: E731
+    batches = delta("rlrr_batch_size_count")
+    per_strategy = {k.split('"')[1]: delta(k) for k in run["after"] if k.startswith("rlrr_batches_total{")}
+    total = sum(per_strategy.values())
+    mix = {k: v / total for k, v in sorted(per_strategy.items()) if v > 0} if total else {}
+    return Row(scenario, strategy, images_per_s=rate(run["done"], run["seconds"]), p50_ms=q(0.50), p95_ms=q(0.95),
+               p99_ms=q(0.99), mean_batch=delta("rlrr_batch_size_sum") / batches if batches else math.nan,
+               mix=mix, folds=int(delta("rlrr_merged_cache_misses_total")), requests=len(lat),
+               failures=run["failures"], admin=run["admin"],
+               done=[round(t - min(run["done"]), 4) for t in sorted(run["done"])])
+
+
+# -- the in-process ceiling -----------------------------------------------------------------------
+
+
+def ceiling(backbone: torch.nn.Module, folder: Path, config: RLRRConfig, batch: int, seconds: float) -> Row:
+    """The merged model's forward at `batch` images in this process: what HTTP serving can approach.
+
+    Args:
+        backbone: The frozen backbone (as the server builds it).
+        folder: The task whose folded weights run (the `single` task).
+        config: Its RLRR config.
+        batch: Images per forward (the server's max batch size).
+        seconds: About how long to time.
+    """
+    from safetensors.torch import load_file
+    from torch.func import functional_call
+
+    torch.set_flush_denormal(True)  # as the server's engine thread does
+    weights = fold_adapter(backbone, load_file(str(folder / "adapter_model.safetensors")), config)
+    x = torch.randn(batch, 3, *backbone.patch_embed.img_size)
+    times = []
+    with torch.inference_mode():
+        functional_call(backbone, weights, (x,))  # warm-up
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            start = time.perf_counter()
+            functional_call(backbone, weights, (x,))
+            times.append(time.perf_counter() - start)
+    return Row("ceiling", "in-process", images_per_s=batch / statistics.median(times), mean_batch=batch,
+               p50_ms=1e3 * statistics.median(times), requests=len(times) * batch)
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Parse arguments, run every scenario, print the table, write JSON and PNG."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short windows: everything in under ~3 minutes")
+    p.add_argument("--backbone", default="vit_small_patch16_224")
+    p.add_argument("--seed", type=int, default=0, help="RLRR_SEED: the random backbone init")
+    p.add_argument("--tasks", type=int, default=50)
+    p.add_argument("--clients", type=int, default=32, help="closed-loop clients (2x the batch keeps one queued)")
+    p.add_argument("--batch-size", type=int, default=16, help="RLRR_MAX_BATCH_SIZE")
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--cache-gib", type=float, default=6.0,
+                   help="RLRR_MERGED_CACHE_BYTES of the strategy servers (6 GiB holds 50 folded ViT-S tasks)")
+    p.add_argument("--small-cache-gib", type=float, default=1.0,
+                   help="also run uniform-N/auto with this cache (the server default); 0 skips (--quick skips)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads of the servers and the ceiling (OMP_NUM_THREADS); default: one core "
+                        "less than the machine has (HTTP, decoding and the clients need one); 0: torch's default")
+    p.add_argument("--seconds", type=float, default=None, help="timed window per scenario")
+    p.add_argument("--warmup", type=float, default=None, help="untimed seconds before each window")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = p.parse_args()
+    seconds = args.seconds or (8.0 if args.quick else 30.0)
+    warmup = args.warmup if args.warmup is not None else (3.0 if args.quick else 6.0)
+    if args.threads:  # servers inherit the environment; the ceiling runs here
+        # torch's intra-op threads wait for each other at every op: one of them preempted by the
+        # HTTP side stalls all, worst for the small per-task calls (bench/README.md, "threads").
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n = args.tasks
+    begin = time.perf_counter()
+    env_info = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+                "load_avg_at_start": os.getloadavg(),
+                "mini_vtab_running": subprocess.run(["pgrep", "-f", "mini_vtab.py"], capture_output=True
+                                                    ).stdout.strip() != b""}
+    print(f"# bench/serve.py: {args.backbone}, {n} tasks, C={args.clients}, batch {args.batch_size}, "
+          f"{warmup:.0f}+{seconds:.0f} s per scenario; {env_info}", flush=True)
+
+    rows: list[Row] = []
+    servers: dict[str, float] = {}
+    costs: dict[str, dict[str, float]] = {}  # what each server's warm-up measured for `auto` (seconds)
+    with tempfile.TemporaryDirectory(prefix="rlrr-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        made = make_store(tmp, args.backbone, args.seed, n)
+        folders, sizes = made["folders"], made["sizes"]
+        jpegs = make_jpegs(8, 256)
+        served = [f"t{i:02d}" for i in range(n)]
+        print(f"# adapters: {sizes['t00'] / 1e3:.0f} kB each, generated in {time.perf_counter() - begin:.0f} s",
+              flush=True)
+
+        rows.append(ceiling(made["backbone"], folders["t00"], made["config"], args.batch_size, min(seconds, 15.0)))
+        del made["backbone"]
+        print(f"# ceiling: {rows[-1].images_per_s:.2f} img/s", flush=True)
+
+        common = {"RLRR_BACKBONE": args.backbone, "RLRR_SEED": str(args.seed),
+                  "RLRR_MAX_WAIT_MS": str(args.max_wait_ms), "RLRR_QUEUE_SIZE": str(max(512, 4 * args.clients))}
+        upload = folders["t03-v2"]
+        files = {"config": ("adapter_config.json", (upload / "adapter_config.json").read_bytes()),
+                 "weights": ("adapter_model.safetensors", (upload / "adapter_model.safetensors").read_bytes())}
+        admin = [(0.3, "PUT", "/tasks/t03", files), (0.6, "DELETE", "/tasks/spare", None)]
+
+        def scenarios(server: Server, strategy: str, kinds: list[str]) -> None:
+            for kind in kinds:
+                label = kind if kind == "single" else f"{kind}-{n}"
+                run = asyncio.run(drive(server, drawer(kind, n, seed=len(rows)), jpegs, args.clients, warmup,
+                                        seconds, admin if kind == "uniform" else None))
+                rows.append(summarize(label, strategy, run))
+                r = rows[-1]
+                print(f"#   {label:<11} {strategy:<9} {r.images_per_s:6.2f} img/s  batch {r.mean_batch:5.1f}  "
+                      f"p50 {r.p50_ms:6.0f} ms  fail {r.failures}  {r.mix} {r.admin or ''} {run['errors']}",
+                      flush=True)
+
+        for strategy in STRATEGIES:
+            server = Server(strategy, args.out, {**common, "RLRR_STORE": str(fill_store(
+                tmp / f"store-{strategy}", folders, [*served, "spare"])), "RLRR_STRATEGY": strategy,
+                "RLRR_MAX_BATCH_SIZE": str(args.batch_size),
+                "RLRR_MERGED_CACHE_BYTES": str(int(args.cache_gib * 2**30))})
+            servers[strategy] = server.startup_s
+            costs[strategy] = {k.split('"')[1]: v for k, v in server.metrics().items()
+                               if k.startswith("rlrr_auto_cost_seconds{")}
+            print(f"# server {strategy}: ready in {server.startup_s:.0f} s; auto costs (ms) "
+                  f"{ {k: round(1e3 * v, 1) for k, v in costs[strategy].items()} }", flush=True)
+            try:
+                scenarios(server, strategy, ["single", "uniform", "zipf"])
+            finally:
+                server.stop()
+
+        if args.small_cache_gib > 0 and not args.quick:
+            label = f"auto, {args.small_cache_gib:g} GiB cache"
+            server = Server("small-cache", args.out, {**common, "RLRR_STORE": str(fill_store(
+                tmp / "store-small", folders, [*served, "spare"])), "RLRR_STRATEGY": "auto",
+                "RLRR_MAX_BATCH_SIZE": str(args.batch_size),
+                "RLRR_MERGED_CACHE_BYTES": str(int(args.small_cache_gib * 2**30))})
+            servers[label] = server.startup_s
+            try:
+                scenarios(server, label, ["uniform"])
+            finally:
+                server.stop()
+
+        # naive: what one does without this product. Its server (N tasks, cache off) also gives RSS(N).
+        naive_env = {**common, "RLRR_STRATEGY": "merged", "RLRR_MAX_BATCH_SIZE": "1", "RLRR_MERGED_CACHE_BYTES": "0"}
+        server = Server("naive", args.out, {**naive_env, "RLRR_STORE": str(fill_store(tmp / "store-naive", folders,
+                                                                                        served))})
+        servers["naive"] = server.startup_s
+        try:
+            time.sleep(1.0)
+            rss_n = server.rss_bytes()
+            run = asyncio.run(drive(server, drawer("uniform", n, seed=99), jpegs, args.clients, warmup, seconds))
+            rows.append(summarize(f"naive-{n}", "bs1+fold", run))
+        finally:
+            server.stop()
+        server = Server("one-task", args.out, {**naive_env, "RLRR_STORE": str(fill_store(tmp / "store-one", folders,
+                                                                                          served[:1]))})
+        try:
+            time.sleep(1.0)
+            rss_1 = server.rss_bytes()
+        finally:
+            server.stop()
+
+    base = next(r for r in rows if r.scenario == "single" and r.strategy == "auto").images_per_s
+    for r in rows:
+        r.ratio = r.images_per_s / base
+    added_files = sum(sizes[name] for name in served[1:])
+    memory = {"rss_1_task": rss_1, "rss_n_tasks": rss_n, "added_bytes": rss_n - rss_1,
+              "added_adapter_file_bytes": added_files, "ratio": (rss_n - rss_1) / added_files,
+              "adapter_file_bytes": sizes["t00"]}
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds, "warmup": warmup,
+              "env": env_info, "server_startup_s": servers, "auto_costs_s": costs, "memory": memory,
+              "rows": [asdict(r) for r in rows],
+              "targets": targets(rows, memory, n), "wall_s": time.perf_counter() - begin}
+    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table(rows, memory, report["targets"], n))
+    plot(rows, args.out / "serve.png", f"{args.backbone}, {n} tasks, CPU x{os.cpu_count()}")
+    print(f"# wrote {args.out / 'serve.json'} and serve.png in {report['wall_s']:.0f} s", flush=True)
+
+
+def _find(rows: list[Row], scenario: str, strategy: str) -> Row:
+    return next(r for r in rows if r.scenario == scenario and r.strategy == strategy)
+
+
+def targets(rows: list[Row], memory: dict[str, float], n: int) -> dict[str, Any]:
+    """Each target of the issue with its measured value and whether it holds.
+
+    Args:
+        rows: All rows.
+        memory: RSS measurements.
+        n: Number of tasks.
+    """
+    single = _find(rows, "single", "auto").images_per_s
+    out: dict[str, Any] = {
+        f"uniform-{n}/single >= 0.90": _find(rows, f"uniform-{n}", "auto").images_per_s / single,
+        f"zipf-{n}/single >= 0.95": _find(rows, f"zipf-{n}", "auto").images_per_s / single,
+        "single(HTTP)/ceiling >= 0.85": single / _find(rows, "ceiling", "in-process").images_per_s,
+        "added RSS / adapter file bytes <= 1.2": memory["ratio"],
+    }
+    holds = {k: (v >= float(k.split()[-1]) if ">=" in k else v <= float(k.split()[-1])) for k, v in out.items()}
+    for scenario in ("single", f"uniform-{n}", f"zipf-{n}"):
+        best = max(_find(rows, scenario, s).images_per_s for s in STRATEGIES)
+        key = f"{scenario}: auto / best forced >= 0.97"
+        out[key] = _find(rows, scenario, "auto").images_per_s / best
+        holds[key] = out[key] >= 0.97
+    out[f"uniform-{n}/naive-{n}"] = (_find(rows, f"uniform-{n}", "auto").images_per_s
+                                     / _find(rows, f"naive-{n}", "bs1+fold").images_per_s)
+    failures = sum(r.failures for r in rows)
+    out["failed requests (all scenarios) == 0"] = failures
+    holds["failed requests (all scenarios) == 0"] = failures == 0
+    return {"values": out, "holds": holds}
+
+
+def table(rows: list[Row], memory: dict[str, float], goals: dict[str, Any], n: int) -> str:
+    """The markdown table, the memory line and the targets.
+
+    Args:
+        rows: All rows.
+        memory: RSS measurements.
+        goals: Output of `targets`.
+        n: Number of tasks.
+    """
+    lines = ["| scenario | strategy | images/s | × single | p50 ms | p95 ms | p99 ms | mean batch | strategy mix "
+             "| folds | failed |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in r.mix.items()) or "-"
+        lines.append(f"| {r.scenario} | {r.strategy} | {r.images_per_s:.2f} | {r.ratio:.2f} | {r.p50_ms:.0f} | "
+                     f"{r.p95_ms:.0f} | {r.p99_ms:.0f} | {r.mean_batch:.1f} | {mix} | {r.folds} | {r.failures} |")
+    mib = lambda b: b / 2**20  # noqa: E731
+    lines += ["", f"Resident memory (merged cache off): 1 task {mib(memory['rss_1_task']):.1f} MiB, {n} tasks "
+              f"{mib(memory['rss_n_tasks']):.1f} MiB: +{mib(memory['added_bytes']):.1f} MiB for {n - 1} adapters "
+              f"of {memory['adapter_file_bytes'] / 1e3:.0f} kB ({mib(memory['added_adapter_file_bytes']):.1f} MiB "
+              f"of files) = {memory['ratio']:.2f}x their bytes", "", "| target | measured | holds |", "|---|---:|---|"]
+    for key, value in goals["values"].items():
+        held = goals["holds"].get(key)
+        lines.append(f"| {key} | {value:.3g} | {'-' if held is None else ('yes' if held else 'NO')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Bar chart of images/s per scenario and strategy (skipped without matplotlib).
+
+    Args:
+        rows: All rows.
+        path: PNG to write.
+        title: Figure title.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    labels = [f"{r.scenario}\n{r.strategy}" for r in rows]
+    colors = {"auto": "tab:blue", "merged": "tab:orange", "unmerged": "tab:green"}
+    ax.bar(range(len(rows)), [r.images_per_s for r in rows], color=[colors.get(r.strategy, "tab:gray") for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(i, r.images_per_s, f"{r.ratio:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("images/s")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

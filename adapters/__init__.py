@@ -8,9 +8,10 @@ from .inject import adapter_shapes, adapter_state_dict, add_rlrr, backbone_finge
 from .io import Adapter, AdapterError, load_adapter, save_adapter
 from .merge import check_fold, fold_adapter, merge_rlrr
 from .multitask import MultiTaskViT
+from .packed import PackedTensors
 
 __all__ = [
     "RLRRConfig", "add_rlrr", "merge_rlrr", "MultiTaskViT", "save_adapter", "load_adapter",
     "Adapter", "AdapterError", "adapter_state_dict", "adapter_shapes", "backbone_fingerprint",
-    "fold_adapter", "check_fold", "plan_targets",
+    "fold_adapter", "check_fold", "plan_targets", "PackedTensors",
 ]

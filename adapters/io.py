@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import RLRRConfig
 from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint
+from .packed import PackedTensors
 
 __all__ = ["Adapter", "AdapterError", "save_adapter", "load_adapter", "FORMAT_VERSION",
            "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -43,7 +45,7 @@ class Adapter:
     """A loaded adapter: its tensors and everything needed to serve them."""
 
     config: RLRRConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # a `PackedTensors` when loaded: one buffer, views by name
     num_classes: int
     labels: list[str]
     base_model: str
@@ -81,7 +83,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_adapter(
-        model_or_tensors: nn.Module | dict[str, torch.Tensor],
+        model_or_tensors: nn.Module | Mapping[str, torch.Tensor],
         directory: str | os.PathLike,
         *,
         base_model: str | None = None,
@@ -119,7 +121,9 @@ def save_adapter(
             from timm.data import resolve_model_data_config
             data_config = resolve_model_data_config(model)
     else:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model_or_tensors.items()}
+        # clone: views of one buffer (a loaded adapter's PackedTensors) share memory, which safetensors refuses
+        tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                   for k, v in model_or_tensors.items()}
         missing = [n for n, v in (("config", config), ("fingerprint", fingerprint),
                                   ("num_classes", num_classes), ("base_model", base_model)) if v is None]
         if missing:
@@ -257,7 +261,7 @@ def load_adapter(
     if _sha256(weights) != doc["weights_sha256"]:
         raise AdapterError(f"{weights} does not match the checksum in {CONFIG_NAME} (corrupt or truncated)")
     try:
-        tensors = load_file(str(weights))
+        tensors = PackedTensors.load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
     _check_tensors(tensors, num_classes, list(doc["labels"]))

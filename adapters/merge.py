@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ __all__ = ["fold_adapter", "check_fold", "merge_rlrr"]
 @torch.no_grad()
 def fold_adapter(
         backbone: nn.Module,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         config: RLRRConfig,
 ) -> dict[str, torch.Tensor]:
     """Merged tensors for one task, keyed by the plain backbone's parameter names.
@@ -42,7 +42,7 @@ def fold_adapter(
 
 
 @torch.no_grad()
-def check_fold(backbone: nn.Module, tensors: dict[str, torch.Tensor], config: RLRRConfig) -> int:
+def check_fold(backbone: nn.Module, tensors: Mapping[str, torch.Tensor], config: RLRRConfig) -> int:
     """Prove a task folds to finite weights without keeping them; returns the bytes they would take.
 
     Folds one tensor at a time and drops it, so validating an adapter that will not be cached
@@ -65,7 +65,7 @@ def check_fold(backbone: nn.Module, tensors: dict[str, torch.Tensor], config: RL
 
 
 def _iter_fold(
-        backbone: nn.Module, tensors: dict[str, torch.Tensor], config: RLRRConfig
+        backbone: nn.Module, tensors: Mapping[str, torch.Tensor], config: RLRRConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     for t in plan_targets(backbone, config):
         m = base_module(backbone.get_submodule(t.path))
@@ -88,7 +88,7 @@ def _iter_fold(
         yield name, _need(tensors, name, ref.device).to(ref.dtype)
 
 
-def _need(tensors: dict[str, torch.Tensor], name: str, device: torch.device | None) -> torch.Tensor:
+def _need(tensors: Mapping[str, torch.Tensor], name: str, device: torch.device | None) -> torch.Tensor:
     if name not in tensors:
         raise ValueError(f"adapter tensor '{name}' is missing")
     return tensors[name].to(device) if device is not None else tensors[name]

@@ -7,18 +7,20 @@ one-sided, linear probe) share one batch:
     y = a · x Wᵀ + l ⊙ ((c ⊙ x) Wᵀ) + b + s
 
 A layer a task does not adapt gets a = 1, l = 0, s = 0; SSF it does not use gets γ = 1, β = 0.
-Each task's vectors are kept once, per task (on CPU in float32 they ARE the adapter's tensors, not
-a copy), and a forward stacks only the tasks its batch contains, layer by layer: loading task N
-costs its own bytes, not a restack of all N. The per-task tuples live in an immutable snapshot
-that is swapped whole on add/remove, so a forward running in another thread always sees one
-consistent set of tasks.
+That canonical form is a *plan* (target path -> tag -> adapter tensor name, or a shared constant),
+made once per adapter config and shared by its tasks; a task itself holds only its adapter's
+`PackedTensors` (one buffer; on CPU in float32 the adapter's own, not a copy) and its head, so a
+loaded task costs its own bytes. A forward stacks only the tasks its batch contains: when they
+share one layout (the usual case) with one copy of their buffers, from which every layer's
+(U, ...) vectors are views. The tasks live in an immutable snapshot that is swapped whole on
+add/remove, so a forward running in another thread always sees one consistent set of tasks.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,16 +30,38 @@ import torch.nn.functional as F
 from . import rlrr
 from .config import RLRRConfig
 from .inject import Target, adapter_shapes, base_module, feature_dim, plan_targets
+from .packed import PackedTensors
 
 __all__ = ["MultiTaskViT"]
 
 
 @dataclass(frozen=True)
+class _Entry:
+    """Where one canonical vector of a task comes from: an adapter tensor, or a shared constant."""
+
+    key: str | None  # adapter tensor name; None for a constant
+    const: torch.Tensor | None = None  # on the model's device/dtype, shared by every task, never written
+    expand: tuple[int, ...] | None = None  # broadcast to this shape (one c shared by the q/k/v slices)
+
+
+_Plan = dict[str, dict[str, _Entry]]  # target path -> tag -> entry; one per adapter config
+
+
+@dataclass(frozen=True)
 class _Task:
-    layers: dict[str, dict[str, torch.Tensor]]  # target path -> tag -> tensor, on the model's device/dtype
-    head: tuple[torch.Tensor, torch.Tensor]
+    source: PackedTensors  # the adapter's tensors on the model's device/dtype
+    plan: _Plan
     num_classes: int
     all_residual: bool  # every layer of the task has a = 1
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source["head.weight"], self.source["head.bias"]
+
+    def value(self, path: str, tag: str) -> torch.Tensor:
+        e = self.plan[path][tag]
+        v = e.const if e.key is None else self.source[e.key]
+        return v if e.expand is None else v.expand(e.expand)
 
 
 @dataclass(frozen=True)
@@ -56,18 +80,31 @@ class _Rows(threading.local):
     tasks: list[_Task] | None = None
     ids: torch.Tensor | None = None  # (B,) index into `tasks`
     residual_only: bool = True
+    stacked: torch.Tensor | None = None  # (U, P) the tasks' buffers, when they share one plan and layout
 
     def take(self, path: str, tag: str) -> torch.Tensor:
-        # Stack only the tasks of this batch (U <= B small vectors), then one row per image.
-        stacked = torch.stack([t.layers[path][tag] for t in self.tasks])  # (U, ...)
-        return stacked.index_select(0, self.ids)  # (B, ...)
+        if self.stacked is None:  # tasks of different configs: stack this layer's U small vectors
+            v = torch.stack([t.value(path, tag) for t in self.tasks])  # (U, ...)
+        else:  # one shared layout: a view of the stacked buffers, no per-task work
+            first, u = self.tasks[0], self.stacked.shape[0]
+            e = first.plan[path][tag]
+            v = (e.const.expand(u, *e.const.shape) if e.key is None
+                 else first.source.stacked_view(self.stacked, e.key))  # (U, ...)
+            if e.expand is not None:
+                v = v.expand(u, *e.expand)
+        return v.index_select(0, self.ids)  # (B, ...): one row per image
 
+    def begin(self, tasks: list[_Task], ids: torch.Tensor) -> None:
+        self.tasks, self.ids = tasks, ids
+        self.residual_only = all(t.all_residual for t in tasks)
+        first = tasks[0]
+        shared = all(t.plan is first.plan and t.source.layout is first.source.layout for t in tasks)
+        # One copy of U buffers (ViT-S: 0.7 MB each) instead of ~250 stacks of U small tensors.
+        self.stacked = torch.stack([t.source.flat for t in tasks]) if shared and len(tasks) > 1 else (
+            first.source.flat[None] if shared else None)  # (U, P)
 
-_ONE, _ZERO = torch.ones(()), torch.zeros(())  # shared, never written: a per-layer scalar per task is ~0.5 kB
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.detach() if t.requires_grad else t
+    def end(self) -> None:
+        self.tasks = self.ids = self.stacked = None
 
 
 def _rows_view(v: torch.Tensor, ndim: int, channel_dim: int = -1) -> torch.Tensor:
@@ -136,6 +173,7 @@ class MultiTaskViT(nn.Module):
             parent, _, name = t.path.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, name, wrapper)
         self._tasks: dict[str, _Task] = {}  # insertion order = task index order
+        self._plans: dict[RLRRConfig, _Plan] = {}
         self._lock = threading.Lock()
         self._snap = _Snapshot((), ())
 
@@ -149,16 +187,23 @@ class MultiTaskViT(nn.Module):
         except ValueError:
             raise KeyError(f"unknown task {name!r}; loaded: {list(self._snap.names)}") from None
 
-    def add_task(self, name: str, tensors: dict[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> None:
+    def add_task(self, name: str, tensors: Mapping[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> None:
         """Add (or replace) a task.
 
         Args:
             name: Task name.
-            tensors: The adapter's tensors (head included).
+            tensors: The adapter's tensors (head included). A loaded adapter's `PackedTensors` on
+                the model's device and dtype is kept as is (no copy); anything else is packed.
             config: The adapter's configuration; its targets must be within the layout.
             num_classes: Classes of its head.
         """
-        task = self._to_model(self._canonicalize(tensors, config, num_classes))
+        self._check(tensors, config, num_classes)
+        ref = next(self.model.parameters())
+        source = (tensors if isinstance(tensors, PackedTensors) else PackedTensors.pack(tensors)).to(
+            ref.device, ref.dtype)
+        own = plan_targets(self.model, config)
+        all_residual = config.residual or not any(t.kind == "rescale" for t in own)
+        task = _Task(source, self._plan(config), num_classes, all_residual)
         with self._lock:
             self._tasks[name] = task
             self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
@@ -170,7 +215,7 @@ class MultiTaskViT(nn.Module):
             del self._tasks[name]
             self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
 
-    def _canonicalize(self, tensors: dict[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> dict:
+    def _check(self, tensors: Mapping[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> None:
         shapes = adapter_shapes(self.model, config, num_classes)
         for key, shape in shapes.items():
             if key not in tensors or tuple(tensors[key].shape) != shape:
@@ -180,43 +225,41 @@ class MultiTaskViT(nn.Module):
         outside = [p for p, t in own.items() if self._targets.get(p, Target("", "")).kind != t.kind]
         if outside:
             raise ValueError(f"adapter targets {outside[:3]} are outside this server's layout")
-        # No-ops for the usual CPU float32 adapter tensors (the same tensor object comes back): the
-        # canonical form shares them instead of holding a second copy or extra tensor objects.
-        get = lambda key: _plain(tensors[key]).float().cpu()
-        layers = {}
+
+    def _plan(self, config: RLRRConfig) -> _Plan:
+        """The canonical form of a config's tasks (made once per config, shared by its tasks)."""
+        with self._lock:
+            found = self._plans.get(config)
+        if found is not None:
+            return found
+        ref = next(self.model.parameters())
+        const = lambda value, *shape: _Entry(None, torch.full(shape, value, device=ref.device, dtype=ref.dtype))
+        own = {t.path: t for t in plan_targets(self.model, config)}
+        plan: _Plan = {}
         for path, t in self._targets.items():
             m = base_module(self.model.get_submodule(path))
             if t.kind == "ssf":
                 d = m.weight.shape[0]
                 used = path in own
-                layers[path] = {"scale": get(f"{path}.ssf_scale") if used else torch.ones(d),
-                                "shift": get(f"{path}.ssf_shift") if used else torch.zeros(d)}
+                plan[path] = {"scale": _Entry(f"{path}.ssf_scale") if used else const(1.0, d),
+                              "shift": _Entry(f"{path}.ssf_shift") if used else const(0.0, d)}
                 continue
             out_f, in_f = m.out_features, m.in_features
-            if path not in own:
-                layers[path] = {"a": _ONE, "l": torch.zeros(out_f),
-                                "c": torch.ones(t.groups, in_f), "s": torch.zeros(out_f)}
+            if path not in own:  # not adapted: y = x Wᵀ + b exactly
+                plan[path] = {"a": const(1.0), "l": const(0.0, out_f), "c": const(1.0, t.groups, in_f),
+                              "s": const(0.0, out_f)}
                 continue
-            c = get(f"{path}.rlrr_c") if config.right else torch.ones(1, in_f)
-            if c.shape[0] != t.groups:  # one shared column vector serves every q/k/v slice alike
-                c = c.expand(t.groups, in_f).clone()
-            layers[path] = {
-                "a": _ONE if config.residual else _ZERO,
-                "l": get(f"{path}.rlrr_l") if config.left else torch.ones(out_f),
+            c = const(1.0, t.groups, in_f)
+            if config.right:  # one shared column vector (split_qkv off) serves every q/k/v slice alike
+                c = _Entry(f"{path}.rlrr_c", expand=(t.groups, in_f) if own[path].groups != t.groups else None)
+            plan[path] = {
+                "a": const(1.0 if config.residual else 0.0),
+                "l": _Entry(f"{path}.rlrr_l") if config.left else const(1.0, out_f),
                 "c": c,
-                "s": get(f"{path}.rlrr_s") if f"{path}.rlrr_s" in tensors else torch.zeros(out_f),
+                "s": _Entry(f"{path}.rlrr_s") if config.bias_shift and m.bias is not None else const(0.0, out_f),
             }
-        head = (get("head.weight"), get("head.bias"))
-        all_residual = config.residual or not any(t.kind == "rescale" for t in own.values())
-        return {"layers": layers, "head": head, "num_classes": num_classes, "all_residual": all_residual}
-
-    def _to_model(self, canonical: dict) -> _Task:
-        # On CPU in float32 `.to` returns the tensor itself: the task's vectors are not copied.
-        ref = next(self.model.parameters())
-        to = lambda t: t.to(device=ref.device, dtype=ref.dtype)
-        layers = {path: {tag: to(v) for tag, v in tags.items()} for path, tags in canonical["layers"].items()}
-        head = (to(canonical["head"][0]), to(canonical["head"][1]))
-        return _Task(layers, head, canonical["num_classes"], canonical["all_residual"])
+        with self._lock:
+            return self._plans.setdefault(config, plan)
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, task_ids: torch.Tensor | Sequence[str]) -> torch.Tensor:
@@ -246,12 +289,11 @@ class MultiTaskViT(nn.Module):
         present, local = ids_cpu.unique(return_inverse=True)  # the U tasks of this batch; row -> 0..U-1
         tasks = [snap.tasks[t] for t in present.tolist()]
         rows = self._rows
-        rows.tasks, rows.ids = tasks, local.to(images.device)
-        rows.residual_only = all(t.all_residual for t in tasks)
+        rows.begin(tasks, local.to(images.device))
         try:
             feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
         finally:
-            rows.tasks = rows.ids = None
+            rows.end()
         logits = feats.new_full((feats.shape[0], max(snap.num_classes)), float("-inf"))
         for u, task in enumerate(tasks):  # heads differ in size: one small matmul per task present
             sel = (local == u).nonzero().squeeze(1).to(feats.device)

@@ -164,3 +164,29 @@ def test_merge_of_reloaded_adapter_matches(trained, tmp_path: Path) -> None:
         out = torch.func.functional_call(base, fold_adapter(base, adapter.tensors, adapter.config), (x,))
         ref = merge_rlrr(model).eval()(x)
     assert (out - ref).abs().max() < 1e-5  # same fold, same inputs: only summation order differs
+
+
+def test_loaded_tensors_are_packed_views_that_round_trip(trained, tmp_path: Path) -> None:
+    from adapters import adapter_state_dict
+    from adapters.packed import PackedTensors
+
+    base, model = trained
+    adapter = load_adapter(save(model, tmp_path / "a"), backbone=base)
+    tensors = adapter.tensors
+    assert isinstance(tensors, PackedTensors)
+    expected = adapter_state_dict(model)
+    assert sorted(tensors) == sorted(expected) and len(tensors) == len(expected)
+    assert all(torch.equal(tensors[k], v) for k, v in expected.items())
+    body = [k for k in tensors if not k.startswith("head.")]
+    assert all(tensors[k].untyped_storage().data_ptr() == tensors.flat.untyped_storage().data_ptr() for k in body)
+    assert tensors.to("cpu", torch.float32) is tensors  # nothing to move: no copy
+    half = tensors.to("cpu", torch.float16)
+    assert half.layout is tensors.layout and half["head.weight"].dtype == torch.float16
+    with pytest.raises(KeyError):
+        tensors["blocks.0.nope"]
+    # Re-saving loaded (packed, memory-sharing) tensors works and gives the same adapter back.
+    again = save_adapter(tensors, tmp_path / "b", base_model="test_vit", config=adapter.config,
+                         fingerprint=adapter.fingerprint, num_classes=adapter.num_classes, labels=adapter.labels)
+    reloaded = load_adapter(again, backbone=base)
+    assert reloaded.weights_sha256 == adapter.weights_sha256
+    assert reloaded.tensors.layout is tensors.layout  # one layout object per (names, shapes)

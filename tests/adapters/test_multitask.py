@@ -107,3 +107,28 @@ def test_forward_is_consistent_while_tasks_change(setup) -> None:
         torch.testing.assert_close(got[:, :2], expected[:, :2], atol=ORACLE_ATOL, rtol=0)
     t.join()
     assert not errors
+
+
+@torch.no_grad()
+def test_same_config_tasks_share_one_layout_and_match_alone(make_vit, perturb, tmp_path) -> None:
+    # The usual server case: tasks loaded from disk with one config. Their PackedTensors share a
+    # layout and the plan, so a batch reads every layer as a view of their stacked buffers; rows
+    # [a, b, c][i % 3] must still equal each task's own merged model (peft's mixed-batch oracle).
+    from adapters import load_adapter, save_adapter
+
+    base = make_vit()
+    models, mt = {}, MultiTaskViT(base)
+    for i, (name, classes) in enumerate((("a", 3), ("b", 5), ("c", 4))):
+        models[name] = perturb(add_rlrr(copy.deepcopy(base), RLRRConfig(), classes), seed=10 + i)
+        adapter = load_adapter(save_adapter(models[name], tmp_path / name, base_model="test_vit"), backbone=base)
+        mt.add_task(name, adapter.tensors, adapter.config, adapter.num_classes)
+        assert mt._tasks[name].source is adapter.tensors  # CPU float32: kept as is, not copied
+    a, b, c = (mt._tasks[n] for n in "abc")
+    assert a.source.layout is b.source.layout is c.source.layout and a.plan is b.plan is c.plan
+    x = torch.randn(9, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    rows = ["abc"[i % 3] for i in range(len(x))]
+    logits = mt(x, rows)
+    for name, model in models.items():
+        sel = [i for i, r in enumerate(rows) if r == name]
+        alone = merge_rlrr(model).eval()(x[sel])
+        assert (logits[sel, : alone.shape[1]] - alone).abs().max() < ORACLE_ATOL, name

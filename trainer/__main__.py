@@ -91,7 +91,10 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train, export and list RLRR task adapters.")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description="Train, export and list RLRR task adapters.",
+        epilog="also: sweep (Ray Tune grid, best on val), prepare (build mini-VTAB-1k), pretrain (the in-house "
+               "backbone); `python -m trainer COMMAND --help` for each")
     sub = parser.add_subparsers(dest="command")
     add_train_arguments(sub.add_parser("train", help="train a task (default command)"))
     _export_parser(sub.add_parser("export", help="write the merged standalone timm checkpoint"))

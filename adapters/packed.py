@@ -93,8 +93,9 @@ class PackedTensors(Mapping[str, torch.Tensor]):
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             slices = {k: f.get_slice(k) for k in names}
-            body = sorted(k for k in names if k not in SEPARATE)
-            dtypes = {_DTYPES.get(slices[k].get_dtype(), torch.float32) for k in body}
+            # Non-float tensors stay separate and unconverted, so validation still sees their dtype.
+            body = sorted(k for k in names if k not in SEPARATE and slices[k].get_dtype() in _DTYPES)
+            dtypes = {_DTYPES[slices[k].get_dtype()] for k in body}
             dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
             layout = _layout([(k, torch.Size(slices[k].get_shape())) for k in body])
             flat = torch.empty(sum(n for _, n, _ in layout.values()), dtype=dtype)
@@ -102,7 +103,7 @@ class PackedTensors(Mapping[str, torch.Tensor]):
                 flat[offset:offset + numel].copy_(f.get_tensor(k).reshape(-1))
             # clone: safetensors may hand out a tensor backed by the file's mapping, which would keep
             # the whole file resident as long as the head lives
-            separate = {k: f.get_tensor(k).clone() for k in SEPARATE if k in slices}
+            separate = {k: f.get_tensor(k).clone() for k in names if k not in layout}
         return cls(flat, layout, separate)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> PackedTensors:

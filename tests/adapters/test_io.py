@@ -116,6 +116,12 @@ def test_refuses_wrong_shapes_and_non_finite_values(trained, tmp_path: Path) -> 
     _rewrite_weights(out, tensors)
     with pytest.raises(AdapterError, match="'blocks.1.norm2.ssf_shift' holds non-finite"):
         load_adapter(out, backbone=base)
+    # An integer tensor is refused by name, not silently converted while being packed.
+    tensors = dict(load_adapter(save(model, tmp_path / "pets")).tensors)
+    tensors["blocks.0.norm1.ssf_scale"] = torch.ones(64, dtype=torch.int64)
+    _rewrite_weights(out, tensors)
+    with pytest.raises(AdapterError, match="'blocks.0.norm1.ssf_scale' has dtype torch.int64"):
+        load_adapter(out, backbone=base)
 
 
 def test_save_refuses_non_finite(trained, tmp_path: Path) -> None:

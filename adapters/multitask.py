@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -45,12 +46,26 @@ class _Entry:
 
 
 _Plan = dict[str, dict[str, _Entry]]  # target path -> tag -> entry; one per adapter config
+Mode = Literal["unmerged", "segmented"]
+Kernel = Callable[..., torch.Tensor]  # `triton_segmented.segmented_rescaled_linear`'s signature
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """How a segment builds one rescaled linear's weight: as is (not adapted), or W ⊙ (a + l cᵀ)."""
+
+    identity: bool  # the task leaves this layer alone: W and b are used as they are
+    residual: bool  # a = 1
+
+
+_Folds = dict[str, _Fold]  # rescaled target path -> fold; one per adapter config
 
 
 @dataclass(frozen=True)
 class _Task:
     source: PackedTensors  # the adapter's tensors on the model's device/dtype
     plan: _Plan
+    folds: _Folds
     num_classes: int
     all_residual: bool  # every layer of the task has a = 1
 
@@ -81,21 +96,40 @@ class _Rows(threading.local):
     ids: torch.Tensor | None = None  # (B,) index into `tasks`
     residual_only: bool = True
     stacked: torch.Tensor | None = None  # (U, P) the tasks' buffers, when they share one plan and layout
+    mode: Mode = "unmerged"
+    offsets: list[int] | None = None  # segmented: task u owns images offsets[u]:offsets[u+1] (rows sorted)
+    merged: list[Mapping[str, torch.Tensor] | None] | None = None  # segmented: a task's folded weights, if cached
+    kernel: Kernel | None = None  # segmented: a fused GEMM (CUDA) instead of a fold per segment
+
+    def __init__(self) -> None:
+        # Fold targets, one per weight shape, reused by every layer, segment and forward of this thread:
+        # a just-in-time fold never allocates (ViT-S: 4 buffers, 7 MB in fp32, whatever the task count).
+        self.scratch: dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape), like.dtype, like.device)
+        buf = self.scratch.get(key)
+        if buf is None:
+            buf = self.scratch[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
+
+    def per_task(self, path: str, tag: str) -> torch.Tensor:
+        """(U, ...) one value per task present (the stacked form the fused kernel reads)."""
+        if self.stacked is None:  # tasks of different configs: stack this layer's U small vectors
+            return torch.stack([t.value(path, tag) for t in self.tasks])
+        # one shared layout: a view of the stacked buffers, no per-task work
+        first, u = self.tasks[0], self.stacked.shape[0]
+        e = first.plan[path][tag]
+        v = e.const.expand(u, *e.const.shape) if e.key is None else first.source.stacked_view(self.stacked, e.key)
+        return v if e.expand is None else v.expand(u, *e.expand)
 
     def take(self, path: str, tag: str) -> torch.Tensor:
-        if self.stacked is None:  # tasks of different configs: stack this layer's U small vectors
-            v = torch.stack([t.value(path, tag) for t in self.tasks])  # (U, ...)
-        else:  # one shared layout: a view of the stacked buffers, no per-task work
-            first, u = self.tasks[0], self.stacked.shape[0]
-            e = first.plan[path][tag]
-            v = (e.const.expand(u, *e.const.shape) if e.key is None
-                 else first.source.stacked_view(self.stacked, e.key))  # (U, ...)
-            if e.expand is not None:
-                v = v.expand(u, *e.expand)
-        return v.index_select(0, self.ids)  # (B, ...): one row per image
+        return self.per_task(path, tag).index_select(0, self.ids)  # (B, ...): one row per image
 
-    def begin(self, tasks: list[_Task], ids: torch.Tensor) -> None:
+    def begin(self, tasks: list[_Task], ids: torch.Tensor, mode: Mode = "unmerged", offsets: list[int] | None = None,
+              merged: list[Mapping[str, torch.Tensor] | None] | None = None, kernel: Kernel | None = None) -> None:
         self.tasks, self.ids = tasks, ids
+        self.mode, self.offsets, self.merged, self.kernel = mode, offsets, merged, kernel
         self.residual_only = all(t.all_residual for t in tasks)
         first = tasks[0]
         shared = all(t.plan is first.plan and t.source.layout is first.source.layout for t in tasks)
@@ -107,7 +141,41 @@ class _Rows(threading.local):
             self.stacked = torch.stack([t.source.flat for t in tasks])  # (U, P)
 
     def end(self) -> None:
-        self.tasks = self.ids = self.stacked = None
+        self.tasks = self.ids = self.stacked = self.offsets = self.merged = self.kernel = None
+        self.mode = "unmerged"
+
+    def weights(self, u: int, path: str, base: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Task u's weight and bias for one rescaled linear: cached, as is, or folded into scratch now.
+
+        Args:
+            u: Segment (task present) index.
+            path: The linear's target path.
+            base: The frozen linear (read only).
+        """
+        merged = self.merged[u] if self.merged is not None else None
+        if merged is not None and f"{path}.weight" in merged:
+            return merged[f"{path}.weight"], merged.get(f"{path}.bias", base.bias)
+        task = self.tasks[u]
+        fold = task.folds[path]
+        if fold.identity:
+            return base.weight, base.bias
+        weight = rlrr.rescale_weight_into(self.buffer(base.weight), base.weight, task.value(path, "l"),
+                                          task.value(path, "c"), fold.residual)  # (out, in)
+        bias = base.bias
+        if bias is not None:
+            bias = torch.add(bias, task.value(path, "s"), out=self.buffer(bias))  # (out,)
+        return weight, bias
+
+
+def _kernel(device: torch.device) -> Kernel | None:
+    """The fused segmented GEMM where it runs (CUDA with Triton), else None (torch fold per segment)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_segmented
+    except ImportError:  # pragma: no cover - depends on the install
+        return None
+    return triton_segmented.segmented_rescaled_linear if triton_segmented.AVAILABLE else None
 
 
 def _rows_view(v: torch.Tensor, ndim: int, channel_dim: int = -1) -> torch.Tensor:
@@ -124,12 +192,36 @@ class _RowLinear(nn.Module):
         self.base_layer, self.path, self.rows = base_layer, path, rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, N, in)
+        if self.rows.mode == "segmented":
+            return self._segmented(x)
         r, b = self.rows, self.base_layer
         l = _rows_view(r.take(self.path, "l"), x.dim())  # (B, 1, out)
         c = _rows_view(r.take(self.path, "c"), x.dim() + 1)  # (B, 1, g, in)
         s = _rows_view(r.take(self.path, "s"), x.dim())  # (B, 1, out)
         a = True if r.residual_only else _rows_view(r.take(self.path, "a")[:, None], x.dim())  # (B, 1, 1)
         return rlrr.rescaled_linear(x, b.weight, b.bias, l, c, s, residual=a)
+
+    def _segmented(self, x: torch.Tensor) -> torch.Tensor:
+        # One matmul per task segment with that task's W ⊙ (a + l cᵀ), built just in time (or cached):
+        # the same FLOPs as the plain layer plus one pass over W per segment.
+        r, b = self.rows, self.base_layer
+        out_f, in_f = b.weight.shape
+        x2 = x.reshape(-1, in_f)  # (B·N, in), images sorted by task
+        per_image = x2.shape[0] // x.shape[0]
+        offsets = [o * per_image for o in r.offsets]
+        if r.kernel is not None:  # the fold happens inside the GEMM, in registers
+            y = r.kernel(x2, b.weight, b.bias, r.per_task(self.path, "l"), r.per_task(self.path, "c"),
+                         r.per_task(self.path, "s"), r.per_task(self.path, "a"), offsets)
+            return y.view(*x.shape[:-1], out_f)
+        y = x2.new_empty(x2.shape[0], out_f)  # (B·N, out)
+        for u in range(len(r.tasks)):
+            lo, hi = offsets[u], offsets[u + 1]
+            weight, bias = r.weights(u, self.path, b)
+            if bias is None:
+                torch.mm(x2[lo:hi], weight.t(), out=y[lo:hi])
+            else:
+                torch.addmm(bias, x2[lo:hi], weight.t(), out=y[lo:hi])
+        return y.view(*x.shape[:-1], out_f)
 
 
 class _RowSSF(nn.Module):
@@ -158,13 +250,15 @@ class MultiTaskViT(nn.Module):
     forward.
     """
 
-    def __init__(self, backbone: nn.Module, layout: RLRRConfig | None = None) -> None:
+    def __init__(self, backbone: nn.Module, layout: RLRRConfig | None = None, fused: bool = True) -> None:
         """
         Args:
             backbone: A plain timm VisionTransformer (frozen; shared with the caller).
             layout: The widest set of targets a task may use; the RLRR default when None.
+            fused: Segmented mode on CUDA uses the Triton kernel when it is importable.
         """
         super().__init__()
+        self.fused = fused
         self.layout = layout or RLRRConfig()
         self._targets = {t.path: t for t in plan_targets(backbone, self.layout)}
         self._rows = _Rows()
@@ -176,7 +270,7 @@ class MultiTaskViT(nn.Module):
             parent, _, name = t.path.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, name, wrapper)
         self._tasks: dict[str, _Task] = {}  # insertion order = task index order
-        self._plans: dict[RLRRConfig, _Plan] = {}
+        self._plans: dict[RLRRConfig, tuple[_Plan, _Folds]] = {}
         self._lock = threading.Lock()
         self._snap = _Snapshot((), ())
 
@@ -206,7 +300,8 @@ class MultiTaskViT(nn.Module):
             ref.device, ref.dtype)
         own = plan_targets(self.model, config)
         all_residual = config.residual or not any(t.kind == "rescale" for t in own)
-        task = _Task(source, self._plan(config), num_classes, all_residual)
+        plan, folds = self._plan(config)
+        task = _Task(source, plan, folds, num_classes, all_residual)
         with self._lock:
             self._tasks[name] = task
             self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
@@ -229,7 +324,7 @@ class MultiTaskViT(nn.Module):
         if outside:
             raise ValueError(f"adapter targets {outside[:3]} are outside this server's layout")
 
-    def _plan(self, config: RLRRConfig) -> _Plan:
+    def _plan(self, config: RLRRConfig) -> tuple[_Plan, _Folds]:
         """The canonical form of a config's tasks (made once per config, shared by its tasks)."""
         with self._lock:
             found = self._plans.get(config)
@@ -239,6 +334,7 @@ class MultiTaskViT(nn.Module):
         const = lambda value, *shape: _Entry(None, torch.full(shape, value, device=ref.device, dtype=ref.dtype))
         own = {t.path: t for t in plan_targets(self.model, config)}
         plan: _Plan = {}
+        folds: _Folds = {}
         for path, t in self._targets.items():
             m = base_module(self.model.get_submodule(path))
             if t.kind == "ssf":
@@ -248,6 +344,7 @@ class MultiTaskViT(nn.Module):
                               "shift": _Entry(f"{path}.ssf_shift") if used else const(0.0, d)}
                 continue
             out_f, in_f = m.out_features, m.in_features
+            folds[path] = _Fold(identity=path not in own, residual=config.residual or path not in own)
             if path not in own:  # not adapted: y = x Wᵀ + b exactly
                 plan[path] = {"a": const(1.0), "l": const(0.0, out_f), "c": const(1.0, t.groups, in_f),
                               "s": const(0.0, out_f)}
@@ -262,10 +359,16 @@ class MultiTaskViT(nn.Module):
                 "s": _Entry(f"{path}.rlrr_s") if config.bias_shift and m.bias is not None else const(0.0, out_f),
             }
         with self._lock:
-            return self._plans.setdefault(config, plan)
+            return self._plans.setdefault(config, (plan, folds))
 
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, task_ids: torch.Tensor | Sequence[str]) -> torch.Tensor:
+    def forward(
+            self,
+            images: torch.Tensor,
+            task_ids: torch.Tensor | Sequence[str],
+            mode: Mode = "unmerged",
+            merged: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Logits of every row under its own task.
 
         Args:
@@ -273,11 +376,54 @@ class MultiTaskViT(nn.Module):
             task_ids: (B,) task indices (see `task_index`), or B task names. Names are resolved
                 against the same snapshot the forward uses, so they stay right while another
                 thread adds or removes tasks; indices shift when a task is removed.
+            mode: `unmerged`: one pass, y = x Wᵀ + l ⊙ ((c ⊙ x) Wᵀ) per row (two matmuls).
+                `segmented`: rows sorted into task segments; each rescaled linear multiplies each
+                segment by its task's W ⊙ (a + l cᵀ), folded just in time into a reused buffer
+                (or inside a fused kernel on CUDA), while every other op runs once for the batch.
+                Rows already sorted by task skip the permutation.
+            merged: Segmented mode: task name -> `fold_adapter` weights to use instead of folding
+                (the caller's cache of hot tasks); tasks not in it are folded just in time.
 
         Returns:
             (B, max classes) logits; entries past a row's own class count are -inf.
         """
         snap = self._snap  # one consistent view even if a task is added meanwhile
+        if mode not in ("unmerged", "segmented"):
+            raise ValueError(f"mode must be 'unmerged' or 'segmented', not {mode!r}")
+        ids_cpu = self._resolve(snap, task_ids, images.shape[0])
+        present, local = ids_cpu.unique(return_inverse=True)  # the U tasks of this batch; row -> 0..U-1
+        tasks = [snap.tasks[t] for t in present.tolist()]
+        order = offsets = folded = None
+        if mode == "segmented":
+            counts = torch.bincount(local, minlength=len(tasks))
+            offsets = [0, *itertools.accumulate(counts.tolist())]
+            if bool((local[1:] < local[:-1]).any()):  # not sorted by task yet: one gather of the images
+                order = torch.argsort(local, stable=True)
+                local = local[order]
+                images = images.index_select(0, order.to(images.device))
+            merged = merged or {}
+            folded = [merged.get(snap.names[t]) for t in present.tolist()]
+        rows = self._rows
+        rows.begin(tasks, local.to(images.device), mode, offsets, folded,
+                   _kernel(images.device) if mode == "segmented" and self.fused else None)
+        try:
+            feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
+        finally:
+            rows.end()
+        logits = feats.new_full((feats.shape[0], max(snap.num_classes)), float("-inf"))
+        for u, task in enumerate(tasks):  # heads differ in size: one small matmul per task present
+            w, b = task.head
+            if offsets is not None:
+                logits[offsets[u]:offsets[u + 1], : task.num_classes] = F.linear(feats[offsets[u]:offsets[u + 1]], w, b)
+            else:
+                sel = (local == u).nonzero().squeeze(1).to(feats.device)
+                logits[sel, : task.num_classes] = F.linear(feats.index_select(0, sel), w, b)
+        if order is not None:  # back to the caller's row order
+            logits = torch.empty_like(logits).index_copy_(0, order.to(logits.device), logits)
+        return logits
+
+    @staticmethod
+    def _resolve(snap: _Snapshot, task_ids: torch.Tensor | Sequence[str], batch: int) -> torch.Tensor:
         if not snap.names:
             raise RuntimeError("no tasks loaded")
         if not isinstance(task_ids, torch.Tensor):
@@ -287,22 +433,9 @@ class MultiTaskViT(nn.Module):
                 raise KeyError(f"unknown tasks {unknown}; loaded: {list(snap.names)}")
             task_ids = torch.tensor([index[n] for n in task_ids])
         ids_cpu = task_ids.to("cpu", torch.long)
-        if ids_cpu.numel() != images.shape[0] or ids_cpu.min() < 0 or ids_cpu.max() >= len(snap.names):
-            raise ValueError(f"task_ids must hold {images.shape[0]} indices in [0, {len(snap.names)})")
-        present, local = ids_cpu.unique(return_inverse=True)  # the U tasks of this batch; row -> 0..U-1
-        tasks = [snap.tasks[t] for t in present.tolist()]
-        rows = self._rows
-        rows.begin(tasks, local.to(images.device))
-        try:
-            feats = self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
-        finally:
-            rows.end()
-        logits = feats.new_full((feats.shape[0], max(snap.num_classes)), float("-inf"))
-        for u, task in enumerate(tasks):  # heads differ in size: one small matmul per task present
-            sel = (local == u).nonzero().squeeze(1).to(feats.device)
-            w, b = task.head
-            logits[sel, : task.num_classes] = F.linear(feats.index_select(0, sel), w, b)
-        return logits
+        if ids_cpu.numel() != batch or ids_cpu.min() < 0 or ids_cpu.max() >= len(snap.names):
+            raise ValueError(f"task_ids must hold {batch} indices in [0, {len(snap.names)})")
+        return ids_cpu
 
     @property
     def feature_dim(self) -> int:

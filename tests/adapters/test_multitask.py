@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from adapters import MultiTaskViT, RLRRConfig, adapter_state_dict, add_rlrr, merge_rlrr
+from adapters import MultiTaskViT, RLRRConfig, adapter_state_dict, add_rlrr, fold_adapter, merge_rlrr
 
 # Mixed-batch rows run the same fp32 ops as the unmerged single-task model, and differ from
 # the merged model only by fold rounding (~3e-7 observed); peft's oracle uses 1e-5.
@@ -13,6 +13,7 @@ ORACLE_ATOL = 1e-5
 # Three tasks of different configs and class counts share one batch.
 TASKS = {
     "rlrr": (RLRRConfig(), 5),
+    "no_residual": (RLRRConfig(residual=False), 4),
     "ssf": (RLRRConfig.preset("ssf"), 3),
     "left_only_no_split": (RLRRConfig(right=False, split_qkv=False), 7),
     "linear": (RLRRConfig.preset("linear"), 2),
@@ -31,15 +32,20 @@ def setup(make_vit, perturb):
     return base, pristine, models, mt
 
 
+MODES = ["unmerged", "segmented"]
+
+
 @torch.no_grad()
-def test_mixed_batch_equals_each_task_alone(setup) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_batch_equals_each_task_alone(setup, mode) -> None:
+    # Rows interleave the tasks, so segmented mode must sort them into segments and back.
     base, pristine, models, mt = setup
-    names = ["rlrr", "ssf", "linear", "left_only_no_split"]
-    x = torch.randn(10, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    names = ["rlrr", "ssf", "linear", "left_only_no_split", "no_residual"]
+    x = torch.randn(11, 3, 160, 160, generator=torch.Generator().manual_seed(3))
     rows = [names[i % len(names)] for i in range(len(x))]
     ids = torch.tensor([mt.task_index(n) for n in rows])
-    logits = mt(x, ids)
-    assert logits.shape == (10, max(c for _, c in TASKS.values()))
+    logits = mt(x, ids, mode=mode)
+    assert logits.shape == (11, max(c for _, c in TASKS.values()))
     for name in names:
         sel = [i for i, r in enumerate(rows) if r == name]
         alone = merge_rlrr(models[name]).eval()(x[sel])
@@ -47,6 +53,25 @@ def test_mixed_batch_equals_each_task_alone(setup) -> None:
         assert (logits[sel, :c] - alone).abs().max() < ORACLE_ATOL, name
         assert torch.isinf(logits[sel, c:]).all()
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in pristine.items()), "backbone changed"
+
+
+@torch.no_grad()
+def test_segmented_uses_cached_weights_and_sorted_rows_as_is(setup) -> None:
+    # A task whose folded weights the caller passes is computed from them, not re-folded: a cache
+    # entry that differs from the adapter must show in that task's rows (and only there).
+    base, _, models, mt = setup
+    x = torch.randn(6, 3, 160, 160, generator=torch.Generator().manual_seed(4))
+    rows = ["rlrr", "rlrr", "rlrr", "ssf", "ssf", "no_residual"]  # already sorted by task index
+    plain = mt(x, rows, mode="segmented")
+    folded = fold_adapter(base, adapter_state_dict(models["rlrr"]), models["rlrr"].rlrr_config)
+    cached = mt(x, rows, mode="segmented", merged={"rlrr": folded})
+    torch.testing.assert_close(cached, plain, atol=ORACLE_ATOL, rtol=0)
+    wrong = {**folded, "blocks.0.mlp.fc1.weight": torch.zeros_like(folded["blocks.0.mlp.fc1.weight"])}
+    changed = mt(x, rows, mode="segmented", merged={"rlrr": wrong})
+    assert (changed[:3, :5] - plain[:3, :5]).abs().max() > 1e-3
+    torch.testing.assert_close(changed[3:], plain[3:], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="mode must be"):
+        mt(x, rows, mode="fused")
 
 
 @torch.no_grad()
@@ -127,8 +152,9 @@ def test_same_config_tasks_share_one_layout_and_match_alone(make_vit, perturb, t
     assert a.source.layout is b.source.layout is c.source.layout and a.plan is b.plan is c.plan
     x = torch.randn(9, 3, 160, 160, generator=torch.Generator().manual_seed(5))
     rows = ["abc"[i % 3] for i in range(len(x))]
-    logits = mt(x, rows)
-    for name, model in models.items():
-        sel = [i for i, r in enumerate(rows) if r == name]
-        alone = merge_rlrr(model).eval()(x[sel])
-        assert (logits[sel, : alone.shape[1]] - alone).abs().max() < ORACLE_ATOL, name
+    for mode in MODES:
+        logits = mt(x, rows, mode=mode)
+        for name, model in models.items():
+            sel = [i for i, r in enumerate(rows) if r == name]
+            alone = merge_rlrr(model).eval()(x[sel])
+            assert (logits[sel, : alone.shape[1]] - alone).abs().max() < ORACLE_ATOL, (mode, name)

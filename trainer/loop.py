@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adapters import RLRRConfig, add_rlrr, backbone_fingerprint, save_adapter
+from adapters import RLRRConfig, adapter_state_dict, add_rlrr, backbone_fingerprint, save_adapter
 
+from . import plots
 from .backbone import DEFAULT_BACKBONE, create_backbone
 from .data import ImageDataset, build_transform, load_task_data, task_data_config
 from .errors import ConfigError, StoreError
@@ -215,6 +216,17 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _draw_pictures(model: nn.Module, rlrr_config: RLRRConfig | None, run_dir: Path, log_path: Path, title: str,
+                   metrics: dict[str, Any]) -> dict[str, str | None]:
+    """The final curves and (adapters only) the per-layer shift; their paths, for the adapter's metadata."""
+    curves = plots.draw_curves(run_dir, title, metrics, log_name=log_path.name, say=_say)
+    shift = None
+    if rlrr_config is not None:
+        shift = plots.draw_shift(model, adapter_state_dict(model), rlrr_config, run_dir, title, say=_say)
+    paths = {"run_dir": run_dir, "log": log_path, "curves": curves, "shift": shift}
+    return {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()}
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.task` and write its adapter to the store (or, for --method full, a model file).
 
@@ -313,6 +325,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # -- training loop ---------------------------------------------------------------------------
     progress = Progress(cfg.epochs, iters_per_epoch, done_iters=it)  # a bar on a terminal, else lines
+    title = f"{task.name} · {cfg.method} · {cfg.backbone}"
     stop_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
     run_start_it, run_start_t = it, time.perf_counter()
     for epoch in range(start_epoch, stop_epoch):
@@ -357,6 +370,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.epoch(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        plots.draw_curves(run_dir, title, log_name=LOG_NAME, say=progress.write)  # ~0.3 s, every epoch
 
         # -- checkpoint: everything needed to continue bit-for-bit --------------------------------
         _atomic_torch_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
@@ -390,6 +404,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "backbone": {"name": cfg.backbone, "checkpoint": cfg.checkpoint, "model_kwargs": model_kwargs},
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
+    metadata["training"] = _draw_pictures(model, rlrr_config, run_dir, log_path, title, metrics)
     (run_dir / "result.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
 
     # -- output: the store holds adapters; full fine-tuning has none, so it writes a model file ---

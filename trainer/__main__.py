@@ -18,7 +18,7 @@ adapter, so it writes the fine-tuned model to <run dir>/model.safetensors and le
 alone. Data root: --data-root or RLRR_DATA; store: --store or RLRR_STORE (default store/). Errors
 the user can fix (missing data, malformed lists, offline without --checkpoint, an existing
 adapter) print one line and exit with status 2. Beside its log.jsonl a run writes training-curves.png
-(every epoch) and adapter-shift.png (at the end; see trainer/plots.py); the adapter's metadata.training
+(while it trains) and adapter-shift.png (at the end; see trainer/plots.py); the adapter's metadata.training
 records their paths.
 """
 from __future__ import annotations

@@ -326,6 +326,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # -- training loop ---------------------------------------------------------------------------
     progress = Progress(cfg.epochs, iters_per_epoch, done_iters=it)  # a bar on a terminal, else lines
     title = f"{task.name} · {cfg.method} · {cfg.backbone}"
+    curves = plots.CurveWriter(run_dir, title, LOG_NAME, say=progress.write)  # beside the log, while it grows
     stop_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
     run_start_it, run_start_t = it, time.perf_counter()
     for epoch in range(start_epoch, stop_epoch):
@@ -370,7 +371,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.epoch(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        plots.draw_curves(run_dir, title, log_name=LOG_NAME, say=progress.write)  # ~0.3 s, every epoch
+        curves.update(force=epoch + 1 == stop_epoch)  # at most every 30 s: a draw costs up to ~1 s
 
         # -- checkpoint: everything needed to continue bit-for-bit --------------------------------
         _atomic_torch_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),

@@ -109,6 +109,16 @@ def test_plots_are_readable_pngs(tmp_path: Path) -> None:
         plots.plot_curves([], tmp_path / "none.png")
 
 
+def test_curves_of_a_running_training_are_redrawn_at_most_every_interval(tmp_path: Path) -> None:
+    (tmp_path / "log.jsonl").write_text(json.dumps({"epoch": 1, "lr": 1e-3, "train_loss": 1.0, "train_top1": 50.0})
+                                        + "\n")
+    writer = plots.CurveWriter(tmp_path, "t", say=pytest.fail, min_interval_s=3600)
+    assert writer.update() == tmp_path / plots.CURVES_NAME  # the first call draws
+    (tmp_path / plots.CURVES_NAME).unlink()
+    assert writer.update() is None and not (tmp_path / plots.CURVES_NAME).exists()  # not due yet
+    assert writer.update(force=True) == tmp_path / plots.CURVES_NAME  # e.g. the run's last epoch
+
+
 def test_training_run_draws_both_and_report_redraws_them(tiny_imagefolder: Path, vit_checkpoint: Path,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store, run_dir = tmp_path / "store", tmp_path / "run"

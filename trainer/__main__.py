@@ -1,4 +1,4 @@
-"""python -m trainer [train] --task NAME ... | export --task NAME --out FILE | tasks | sweep | pretrain ...
+"""python -m trainer [train] --task NAME ... | export --task NAME --out FILE | report --task NAME | tasks | ...
 
     python -m trainer --task dtd --data-root /data/vtab-1k               # recipe defaults, GPU + internet
     python -m trainer --task dtd --checkpoint vit_b16_in21k.safetensors  # offline: local backbone weights
@@ -8,6 +8,7 @@
     python -m trainer --task cub --method linear --run-dir runs/cub-lin  # baselines: ssf | linear | full
     python -m trainer --task cub --no-residual --init identity           # ablations (paper Table 6)
     python -m trainer export --task dtd --out dtd.safetensors            # merged standalone checkpoint
+    python -m trainer report --task dtd                                  # redraw curves + per-layer shift
     python -m trainer sweep --task dtd --val --grid lr=1e-3,3e-3,wd=1e-4,1e-3  # Ray Tune grid, best on val
     python -m trainer tasks                                              # the built-in task table
     python -m trainer train --help                                       # every training option
@@ -16,7 +17,9 @@ Training (the default command) writes the task's adapter to the store; `--method
 adapter, so it writes the fine-tuned model to <run dir>/model.safetensors and leaves the store
 alone. Data root: --data-root or RLRR_DATA; store: --store or RLRR_STORE (default store/). Errors
 the user can fix (missing data, malformed lists, offline without --checkpoint, an existing
-adapter) print one line and exit with status 2.
+adapter) print one line and exit with status 2. Beside its log.jsonl a run writes training-curves.png
+(while it trains) and adapter-shift.png (at the end; see trainer/plots.py); the adapter's metadata.training
+records their paths.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from .tasks import BUILTIN_TASKS, FORMATS, get_task
 if TYPE_CHECKING:
     from .loop import TrainConfig
 
-COMMANDS = ("train", "export", "tasks")
+COMMANDS = ("train", "export", "report", "tasks")
 # Subcommands implemented in sibling modules with their own `main(argv) -> int`, imported on use.
 DELEGATED = {"pretrain": "trainer.pretrain", "prepare": "trainer.mini_vtab", "sweep": "trainer.sweep"}
 
@@ -90,6 +93,15 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="local backbone weights; must be the ones the adapter was trained on")
 
 
+def _report_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="the adapter's name in the store")
+    p.add_argument("--store", default=os.environ.get("RLRR_STORE", "store"))
+    p.add_argument("--run-dir", help="the run's directory with its log.jsonl (default: recorded in the adapter)")
+    p.add_argument("--out", help="output folder (default: the run dir when known, else reports/<task>)")
+    p.add_argument("--backbone", help="timm name (default: the adapter's base model)")
+    p.add_argument("--checkpoint", help="local backbone weights; must be the ones the adapter was trained on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer", description="Train, export and list RLRR task adapters.",
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     add_train_arguments(sub.add_parser("train", help="train a task (default command)"))
     _export_parser(sub.add_parser("export", help="write the merged standalone timm checkpoint"))
+    _report_parser(sub.add_parser("report", help="redraw training curves and the per-layer shift of an adapter"))
     sub.add_parser("tasks", help="list the built-in tasks")
     return parser
 
@@ -142,6 +155,16 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from .report import report_task
+
+    paths = report_task(args.task, store=args.store, backbone=args.backbone, checkpoint=args.checkpoint,
+                        run_dir=args.run_dir, out=args.out)
+    for path in paths.values():
+        if path is not None:
+            print(f"wrote {path}")
+
+
 def _tasks() -> None:
     print(f"{'task':22} {'suite':8} {'classes':>7} {'lr':>7} {'wd':>7} {'dp':>4} {'hflip':>5} {'epochs':>6}")
     for t in BUILTIN_TASKS.values():
@@ -166,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             _export(args)
+        elif args.command == "report":
+            _report(args)
         elif args.command == "tasks":
             _tasks()
         else:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from adapters import RLRRConfig, add_rlrr, backbone_fingerprint, save_adapter
+from adapters import RLRRConfig, adapter_state_dict, add_rlrr, backbone_fingerprint, save_adapter
 
+from . import plots
 from .backbone import DEFAULT_BACKBONE, create_backbone
 from .data import ImageDataset, build_transform, load_task_data, task_data_config
 from .errors import ConfigError, StoreError
+from .progress import Progress
 from .tasks import Task
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "param_groups", "evaluate", "METHODS"]
@@ -216,9 +216,15 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def _draw_pictures(model: nn.Module, rlrr_config: RLRRConfig | None, run_dir: Path, log_path: Path, title: str,
+                   metrics: dict[str, Any]) -> dict[str, str | None]:
+    """The final curves and (adapters only) the per-layer shift; their paths, for the adapter's metadata."""
+    curves = plots.draw_curves(run_dir, title, metrics, log_name=log_path.name, say=_say)
+    shift = None
+    if rlrr_config is not None:
+        shift = plots.draw_shift(model, adapter_state_dict(model), rlrr_config, run_dir, title, say=_say)
+    paths = {"run_dir": run_dir, "log": log_path, "curves": curves, "shift": shift}
+    return {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()}
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -318,8 +324,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     log_path.write_text("".join(line + "\n" for line in old_log if json.loads(line)["epoch"] <= start_epoch))
 
     # -- training loop ---------------------------------------------------------------------------
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=total_iters, initial=it, disable=not tty, dynamic_ncols=True, unit="it")
+    progress = Progress(cfg.epochs, iters_per_epoch, done_iters=it)  # a bar on a terminal, else lines
+    title = f"{task.name} · {cfg.method} · {cfg.backbone}"
+    curves = plots.CurveWriter(run_dir, title, LOG_NAME, say=progress.write)  # beside the log, while it grows
     stop_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
     run_start_it, run_start_t = it, time.perf_counter()
     for epoch in range(start_epoch, stop_epoch):
@@ -348,13 +355,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             eta = (time.perf_counter() - run_start_t) / max(it - run_start_it, 1) * (total_iters - it)
             stats = {"loss": f"{loss_sum / seen:.4f}", "acc": f"{100.0 * correct / seen:.1f}%",
                      "img/s": f"{ips:.1f}", "lr": f"{lr:.2e}"}
-            if tty:
-                bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}", refresh=False)
-                bar.set_postfix(stats, refresh=False)
-                bar.update(1)
-            elif (step + 1) % max(1, iters_per_epoch // 4) == 0 or step + 1 == iters_per_epoch:
-                _say(f"epoch {epoch + 1}/{cfg.epochs} it {step + 1}/{iters_per_epoch} "
-                     + " ".join(f"{k} {v}" for k, v in stats.items()) + f" eta {_fmt_eta(eta)}")
+            progress.step(epoch, step, stats, eta)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
@@ -367,17 +368,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             record.update(val_top1=val["top1"], val_loss=val["loss"])
             if best is None or val["top1"] > best["val_top1"]:
                 best = {"val_top1": val["top1"], "epoch": epoch + 1, "state": _trainable_state(model)}
-        if not tty:
-            _say("epoch " + json.dumps(record))
+        progress.epoch(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        curves.update(force=epoch + 1 == stop_epoch)  # at most every 30 s: a draw costs up to ~1 s
 
         # -- checkpoint: everything needed to continue bit-for-bit --------------------------------
         _atomic_torch_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "epoch": epoch + 1, "iter": it,
                             "train_seconds": train_seconds, "best": best, "rng": _rng_state(),
                             "recipe": cfg.recipe(), "fingerprint": fingerprint}, ckpt_path)
-    bar.close()
+    progress.close()
     if stop_epoch < cfg.epochs:
         _say(f"stopped after epoch {stop_epoch} (--stop-after); continue with --resume")
         return TrainResult({"stopped_after": stop_epoch}, model, run_dir, None, None)
@@ -404,6 +405,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "backbone": {"name": cfg.backbone, "checkpoint": cfg.checkpoint, "model_kwargs": model_kwargs},
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
+    metadata["training"] = _draw_pictures(model, rlrr_config, run_dir, log_path, title, metrics)
     (run_dir / "result.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
 
     # -- output: the store holds adapters; full fine-tuning has none, so it writes a model file ---

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["row_col_factor", "rescale_weight", "rescale_weight_into", "grouped_linear", "rescaled_linear", "ssf", "fold_ssf"]
+__all__ = ["row_col_factor", "rescale_weight", "rescale_weight_into",
+           "grouped_linear", "rescaled_linear", "ssf", "fold_ssf"]
 
 
 def row_col_factor(l: torch.Tensor | None, c: torch.Tensor | None, out_features: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from . import rlrr
 from .config import RLRRConfig
 from .inject import adapter_state_dict, base_module, plan_targets, unwrap
 
-__all__ = ["fold_adapter", "check_fold", "merge_rlrr"]
+__all__ = ["fold_adapter", "check_fold", "check_bounds", "weight_bounds", "merge_rlrr", "VALUE_LIMIT"]
 
 
 @torch.no_grad()
@@ -112,3 +112,64 @@ def merge_rlrr(model: nn.Module) -> nn.Module:
         for name, value in folded.items():
             plain.get_parameter(name).copy_(value)
     return plain.requires_grad_(True)
+
+
+# Largest |value| a loaded adapter may hold. Trained RLRR vectors are O(1) (the reference init
+# draws l from ±2.45, c from ±0.09; SSF γ ≈ 1); 1e4 already rescales a weight by ~1e8, which no
+# training produces, and finite-but-huge values (1e30) give inf/NaN scores instead of an error.
+VALUE_LIMIT = 1e4
+
+
+def weight_bounds(backbone: nn.Module, config: RLRRConfig | None = None) -> dict[str, float]:
+    """max |W| of every rescaled linear (what `check_bounds` needs; one pass over the backbone).
+
+    Args:
+        backbone: Plain or wrapped timm ViT.
+        config: Widest target set to cover; the RLRR default when None.
+    """
+    return {t.path: base_module(backbone.get_submodule(t.path)).weight.detach().abs().max().item()
+            for t in plan_targets(backbone, config or RLRRConfig()) if t.kind == "rescale"}
+
+
+@torch.no_grad()
+def check_bounds(
+        tensors: Mapping[str, torch.Tensor],
+        config: RLRRConfig,
+        bounds: Mapping[str, float],
+        dtype: torch.dtype = torch.float32,
+        limit: float = VALUE_LIMIT,
+) -> None:
+    """Refuse an adapter that cannot produce finite outputs, without folding anything.
+
+    Costs one pass over the adapter's own values (not the backbone's): every value must be finite
+    and within `limit`, and every folded weight's bound max|W|·(1 + max|l|·max|c|) must leave
+    `dtype` room for a dot product over the layer's inputs.
+
+    Args:
+        tensors: The adapter's tensors (head included).
+        config: Its configuration.
+        bounds: `weight_bounds` of the backbone.
+        dtype: The serving dtype.
+        limit: Largest |value| accepted.
+
+    Raises:
+        ValueError: Naming the first offending tensor and why.
+    """
+    peaks = {}
+    for name, value in tensors.items():
+        if not value.is_floating_point():
+            continue
+        finite = bool(torch.isfinite(value).all())
+        peak = value.abs().max().item() if value.numel() and finite else 0.0
+        if not finite or peak > limit:
+            what = "non-finite values" if not finite else f"|value| up to {peak:.3g}"
+            raise ValueError(f"adapter tensor '{name}' has {what}, beyond the {limit:g} a trained adapter stays "
+                             "within: its outputs would not be finite")
+        peaks[name] = peak
+    room = torch.finfo(dtype).max
+    for path, w_max in bounds.items():
+        l_max = peaks.get(f"{path}.rlrr_l", 1.0) if config.left else 1.0
+        c_max = peaks.get(f"{path}.rlrr_c", 1.0) if config.right else 1.0
+        bound = w_max * ((1.0 if config.residual else 0.0) + l_max * c_max)
+        if bound > room / 1e3:  # headroom for the dot product's sum (≤ in_features terms of order 1)
+            raise ValueError(f"folded weights of '{path}' could reach {bound:.3g}, beyond what {dtype} holds")

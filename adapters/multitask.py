@@ -313,6 +313,25 @@ class MultiTaskViT(nn.Module):
             del self._tasks[name]
             self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
 
+    @torch.inference_mode()
+    def fold_segment(self, name: str) -> None:
+        """Fold every rescaled layer of one task into the scratch buffers, as one segment does.
+
+        What a segment costs beyond its rows: a planner times this (the result is discarded).
+
+        Args:
+            name: A loaded task.
+        """
+        task = self._snap.tasks[self.task_index(name)]
+        rows = self._rows
+        rows.begin([task], torch.zeros(1, dtype=torch.long), "segmented", [0, 1])
+        try:
+            for path, t in self._targets.items():
+                if t.kind == "rescale":
+                    rows.weights(0, path, base_module(self.model.get_submodule(path)))
+        finally:
+            rows.end()
+
     def _check(self, tensors: Mapping[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> None:
         shapes = adapter_shapes(self.model, config, num_classes)
         for key, shape in shapes.items():

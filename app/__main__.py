@@ -11,8 +11,8 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
-from app.engine import load_backbone
 from app.main import create_app
+from app.runtime import load_backbone
 from app.settings import Settings
 
 log = logging.getLogger("app")

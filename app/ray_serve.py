@@ -38,7 +38,7 @@ from app.main import _observe_batch, _record_request
 from app.metrics import Metrics
 from app.payloads import read_images
 from app.preprocess import Preprocessor
-from app.registry import CONFIG_NAME, NAME_MAX, NAME_PATTERN, WEIGHTS_NAME, LoadedTask, Registry, valid_name
+from app.registry import CONFIG_NAME, NAME_MAX, NAME_PATTERN, WEIGHTS_NAME, Registry, valid_name
 from app.schemas import (
     ClassifyResponse,
     Health,
@@ -50,6 +50,7 @@ from app.schemas import (
     task_detail,
 )
 from app.settings import Settings
+from app.tasks import LoadedTask
 
 READY_TIMEOUT_S = 5.0  # /readyz answers 503 rather than hang while no classifier replica is up
 REPLICA_HEADER = "x-rlrr-replica"

@@ -7,24 +7,23 @@ admitted with, so replacing or deleting a task never fails a request already in 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
+import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from adapters import Adapter, AdapterError, load_adapter
+from adapters import AdapterError, load_adapter
 from app.engine import Engine
 from app.errors import InvalidAdapter, UnknownTask
 from app.preprocess import Transform, make_transform, resolve_config
+from app.tasks import LoadedTask
 
 log = logging.getLogger("app")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
@@ -43,29 +42,6 @@ def valid_name(name: str) -> bool:
     return len(name) <= NAME_MAX and re.fullmatch(NAME_PATTERN, name) is not None
 
 
-@dataclass(eq=False)
-class LoadedTask:
-    """One version of a task's adapter, ready to serve.
-
-    Attributes:
-        name: Task name.
-        key: Unique per loaded version (the engine's name for it).
-        adapter: The loaded adapter.
-        version: First 12 hex digits of the weights file's sha256.
-        data_config: Resolved eval data config.
-        transform: Eval transform built from it.
-        loaded_at: Unix time it was loaded.
-    """
-
-    name: str
-    key: str
-    adapter: Adapter
-    version: str
-    data_config: dict[str, Any]
-    transform: Transform
-    loaded_at: float = field(default_factory=time.time)
-
-
 class Registry:
     """The tasks being served, and the store they live in.
 
@@ -80,6 +56,7 @@ class Registry:
         self.tasks: dict[str, LoadedTask] = {}
         self.skipped: dict[str, str] = {}
         self._lock = asyncio.Lock()  # one admin change at a time
+        self._transforms: dict[str, Transform] = {}  # data config (JSON) -> its probed transform
 
     def get(self, name: str) -> LoadedTask:
         """The current version of a task.
@@ -213,23 +190,33 @@ class Registry:
         try:
             # Reading the backbone's structure (shapes) is safe beside a running batch.
             adapter = await asyncio.to_thread(load_adapter, directory, engine.backbone, engine.fingerprint)
-            version = await asyncio.to_thread(_sha256, directory / WEIGHTS_NAME)
+            version = adapter.version  # load_adapter verified the file against this checksum
             data_config = resolve_config(adapter.data_config, engine.backbone)
-            expected = engine.input_size
-            if tuple(data_config["input_size"]) != expected:
-                got = tuple(data_config["input_size"])
-                raise AdapterError(f"input_size {got} differs from the backbone's {expected}")
-            transform = make_transform(data_config)
-            # A data config that builds but cannot run would fail every request: try it once now.
-            probe = transform(Image.new("RGB", expected[:0:-1]))
-            if tuple(probe.shape) != expected:
-                raise AdapterError(f"its preprocessing yields {tuple(probe.shape)}, not {expected}")
+            transform = self._transform(data_config)
             task = LoadedTask(name, f"{name}@{version}#{next(_keys)}", adapter, version, data_config, transform)
             if prepare:
                 await engine.prepare(task)
         except Exception as exc:  # any failure to load or run it means: refuse this adapter, say why
             raise InvalidAdapter(f"adapter {name!r} refused: {exc}") from exc
         return task
+
+    def _transform(self, data_config: dict[str, Any]) -> Transform:
+        # Tasks trained with one recipe share one data config: build and probe its transform once
+        # (1,000 tasks load in seconds, not one transform build and probe each).
+        key = json.dumps(data_config, sort_keys=True, default=str)
+        found = self._transforms.get(key)
+        if found is not None:
+            return found
+        expected = self.engine.input_size
+        if tuple(data_config["input_size"]) != expected:
+            got = tuple(data_config["input_size"])
+            raise AdapterError(f"input_size {got} differs from the backbone's {expected}")
+        transform = make_transform(data_config)
+        # A data config that builds but cannot run would fail every request: try it once now.
+        probe = transform(Image.new("RGB", expected[:0:-1]))
+        if tuple(probe.shape) != expected:
+            raise AdapterError(f"its preprocessing yields {tuple(probe.shape)}, not {expected}")
+        return self._transforms.setdefault(key, transform)
 
     def _publish(self) -> None:
         metrics = self.engine.metrics
@@ -240,14 +227,6 @@ class Registry:
 def _write_files(directory: Path, config: bytes, weights: bytes) -> None:
     (directory / CONFIG_NAME).write_bytes(config)
     (directory / WEIGHTS_NAME).write_bytes(weights)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
 
 
 def _swap_into_place(tmp: Path, directory: Path) -> None:

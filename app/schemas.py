@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
     from app.engine import Engine
-    from app.registry import LoadedTask
+    from app.tasks import LoadedTask
 
 
 class Prediction(BaseModel):

@@ -33,14 +33,16 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Compute dtype on CUDA (auto: bfloat16 if supported, else float16); CPU is float32."
     )
-    strategy: Literal["auto", "merged", "unmerged"] = Field(
-        "auto", description="auto: merged weights for single-task batches, MultiTaskViT for mixed ones."
-    )
+    strategy: Literal["auto", "merged", "segmented", "unmerged"] = Field(
+        "auto", description="auto: per task group, the cheapest of merged (a cached fold; one-task batches), "
+        "segmented (one pass, each task's layers folded just in time) and unmerged (two-matmul form), priced "
+        "with costs measured at warm-up (app/planner.py); or one form forced for every group.")
     max_batch_size: int = Field(32, ge=1, description="Most images in one model call.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a queued image waits for its batch to fill.")
     queue_size: int = Field(512, ge=1, description="Most images waiting; beyond it requests get 503.")
     merged_cache_bytes: int = Field(
-        2**30, ge=0, description="Byte budget of the merged-weights LRU (an entry is about the backbone's size)."
+        2**30, ge=0, description="Byte budget of the merged-weights LRU for hot tasks (an entry is about the "
+        "backbone's size); speed with many tasks does not depend on it."
     )
     preprocess_workers: int = Field(4, ge=1, description="Threads that decode and resize images.")
     warmup: bool = Field(True, description="Run one batch per strategy before reporting ready.")

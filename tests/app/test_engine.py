@@ -11,9 +11,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.engine import BatchItem, Costs, Engine
+from app.engine import BatchItem, Engine
 from app.main import create_app
 from app.metrics import Metrics
+from app.planner import Costs, Planner
 
 AUTH = {"authorization": "Bearer s3cret"}
 # Probabilities of one image computed two ways in float32 (grouped merged calls, the unmerged
@@ -40,7 +41,7 @@ def _dist(prediction: list[tuple[int, float]]) -> dict[int, float]:
     return dict(prediction)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "merged", "unmerged"])
+@pytest.mark.parametrize("strategy", ["auto", "merged", "segmented", "unmerged"])
 def test_mixed_batch_equals_each_task_alone(make_settings, refs, png, strategy) -> None:
     app = create_app(make_settings(strategy=strategy))
     with TestClient(app):
@@ -58,28 +59,31 @@ def test_mixed_batch_equals_each_task_alone(make_settings, refs, png, strategy) 
             assert [_dist(got)[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=1e-5)
         text = app.state.metrics.render().decode()
     if strategy == "auto":  # which form auto picks depends on the costs it measured on this machine
-        assert any(f'rlrr_batches_total{{strategy="{name}"}}' in text for name in ("merged", "unmerged", "hybrid"))
+        assert any(f'rlrr_batches_total{{strategy="{name}"}}' in text
+                   for name in ("merged", "segmented", "unmerged", "hybrid"))
     else:
         assert f'rlrr_batches_total{{strategy="{strategy}"}}' in text
 
 
 def test_hybrid_batch_equals_each_task_merged(make_settings, refs, png) -> None:
-    # A batch whose cached tasks run merged (one call per task group) and whose uncached task runs
-    # unmerged, in one batch: every row must still equal its own task's directly merged model.
+    # One batch in two passes: cached tasks run segmented from their cached weights, an uncached one
+    # unmerged (its just-in-time fold priced prohibitive). Every row must still equal its own
+    # task's directly merged model.
     app = create_app(make_settings(strategy="auto"))
     with TestClient(app):
         engine = app.state.engine
         names = ["alpha", "beta", "gamma", "alpha", "alpha", "beta", "gamma"]
         items = _items(app, names, png)
-        keys = {name: app.state.registry.get(name).key for name in ("alpha", "beta", "gamma")}
-        # Folds priced prohibitive and a cache too small for every task: an uncached task stays unmerged.
-        engine.costs = Costs(merged_row=1.0, merged_call=0.0, unmerged_row=2.0, unmerged_call=0.0, fold=100.0)
-        engine.cache.max_bytes = engine.cache.nbytes // 3 * 2
-        engine.cache.pop(keys["beta"])
-        plan = engine._plan({keys[n]: names.count(n) for n in ("alpha", "beta", "gamma")}, None)
-        assert plan == {keys["alpha"]: "merged", keys["beta"]: "unmerged", keys["gamma"]: "merged"}
+        tasks = {name: app.state.registry.get(name) for name in ("alpha", "beta", "gamma")}
+        keys = {name: task.key for name, task in tasks.items()}
+        for name in ("alpha", "gamma"):
+            engine.cache.put(keys[name], engine._fold(tasks[name]))
+        engine.cache.admit_after = 1e9  # beta stays out of the cache
+        engine.costs = Costs(segmented_row=1.0, segment=100.0, unmerged_row=2.0)
+        plan = engine.planner.plan({keys[n]: names.count(n) for n in tasks}, {keys["alpha"], keys["gamma"]})
+        assert plan == {keys["alpha"]: "segmented", keys["beta"]: "unmerged", keys["gamma"]: "segmented"}
         got = _run(engine, items)
-        assert keys["beta"] not in engine.cache  # served unmerged: nothing was folded
+        assert keys["beta"] not in engine.cache
         text = app.state.metrics.render().decode()
     assert 'rlrr_batches_total{strategy="hybrid"} 1.0' in text
     for i, (name, prediction) in enumerate(zip(names, got, strict=True)):
@@ -87,28 +91,27 @@ def test_hybrid_batch_equals_each_task_merged(make_settings, refs, png) -> None:
         assert [_dist(prediction)[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=TOL)
 
 
-def test_auto_plan_follows_the_costs(make_settings) -> None:
-    # The rule alone (no timing): rows of cached tasks run merged when a merged row is cheaper; an
-    # uncached one-row group is folded only when the fold costs less than its unmerged surcharge;
-    # expensive calls with small groups (a GPU's regime) send the whole batch through one unmerged pass.
-    app = create_app(make_settings(strategy="auto"))
-    with TestClient(app):
-        engine = app.state.engine
-        a, b, g = (app.state.registry.get(n).key for n in ("alpha", "beta", "gamma"))
-        engine.cache.max_bytes = engine.cache.nbytes // 3 * 2  # the cache cannot hold every task
-        engine.cache.pop(b)
-        counts = {a: 3, b: 1, g: 2}
-        cpu = Costs(merged_row=0.05, merged_call=0.001, unmerged_row=0.15, unmerged_call=0.001, fold=0.3)
-        engine.costs = cpu
-        assert engine._plan(counts, None) == {a: "merged", b: "unmerged", g: "merged"}
-        engine.costs = Costs(**{**vars(cpu), "fold": 0.05})  # a cheap fold pays for itself on one row
-        assert set(engine._plan(counts, None).values()) == {"merged"}
-        engine.costs = Costs(merged_row=0.0001, merged_call=0.01, unmerged_row=0.0002, unmerged_call=0.01, fold=0.01)
-        assert set(engine._plan(counts, None).values()) == {"unmerged"}
-        engine.cache.max_bytes = 2**40  # every task fits: a fold is paid once, so it counts as free
-        engine.costs = cpu
-        assert set(engine._plan(counts, None).values()) == {"merged"}
-        assert set(engine._plan(counts, "unmerged").values()) == {"unmerged"}  # forcing wins
+def test_auto_plan_follows_the_costs() -> None:
+    # The rule alone (no timing): one cached task runs as the plain model; otherwise every group
+    # runs in one segmented pass while a just-in-time fold costs less than the rows' two-matmul
+    # surcharge; a group whose fold costs more goes unmerged; a cached group never pays a fold.
+    planner = Planner("auto")
+    a, b, g = "a", "b", "g"
+    counts = {a: 3, b: 1, g: 3}
+    cpu = Costs(segmented_row=0.05, segmented_call=0.001, segment=0.003, unmerged_row=0.1, unmerged_call=0.001)
+    planner.costs = cpu
+    assert planner.plan({a: 4}, {a}) == {a: "merged"}
+    assert planner.plan({a: 4}, set()) == {a: "segmented"}
+    assert set(planner.plan(counts, set()).values()) == {"segmented"}
+    planner.costs = Costs(**{**vars(cpu), "segment": 0.12})  # a fold dearer than 2 rows' surcharge (0.1), not 3 rows'
+    assert planner.plan(counts, set()) == {a: "segmented", b: "unmerged", g: "segmented"}
+    assert planner.plan(counts, {b}) == {a: "segmented", b: "segmented", g: "segmented"}  # cached: no fold
+    planner.costs = Costs(**{**vars(cpu), "segment": 10.0})
+    assert set(planner.plan(counts, set()).values()) == {"unmerged"}
+    assert set(planner.plan(counts, set(), force="segmented").values()) == {"segmented"}  # forcing wins
+    assert set(Planner("merged").plan(counts, set()).values()) == {"merged"}
+    with pytest.raises(ValueError, match="strategy must be"):
+        Planner("fastest")
 
 
 def test_warm_up_measures_the_costs(client) -> None:
@@ -123,7 +126,8 @@ def test_warm_up_measures_the_costs(client) -> None:
 def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:
     probe = create_app(make_settings())
     with TestClient(probe):
-        one = probe.state.engine.cache.nbytes // 3  # three tasks of one architecture: equal sizes
+        folded = probe.state.engine._fold(probe.state.registry.get("alpha"))
+        one = sum(t.numel() * t.element_size() for t in folded.values())  # every task: the same size
     app = create_app(make_settings(strategy="merged", merged_cache_bytes=int(one * 1.5), warmup=False))
     with TestClient(app):
         engine = app.state.engine  # room for exactly one task
@@ -133,8 +137,8 @@ def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:
             assert len(engine.cache) == 1
         text = app.state.metrics.render().decode()
     evictions = [line for line in text.splitlines() if line.startswith("rlrr_merged_cache_evictions_total ")]
-    assert float(evictions[0].split()[1]) >= 4
-    assert "rlrr_merged_cache_hits_total 1.0" in text
+    assert float(evictions[0].split()[1]) == 3  # beta, then alpha, then gamma displace the one entry
+    assert "rlrr_merged_cache_hits_total 1.0" in text and "rlrr_merged_cache_misses_total 4.0" in text
 
 
 def test_zero_cache_folds_on_the_fly(make_settings, refs, png) -> None:

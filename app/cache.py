@@ -1,0 +1,138 @@
+"""Folded weights of hot tasks: a byte-bounded LRU with a frequency-based admission rule.
+
+Speed does not depend on this cache (a segmented batch folds each layer just in time); it only
+saves hot tasks that fold, and lets a batch of one cached task run as one plain timm forward.
+Only touched on the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from app.metrics import Metrics
+
+Weights = dict[str, torch.Tensor]  # `fold_adapter` output
+
+
+class MergedCache:
+    """LRU of folded task weights, bounded by bytes, admitting only tasks that come back.
+
+    A task is *hot* when it was seen in `admit_after` or more of the recent batches (a decayed
+    count, ~`1 / (1 - decay)` batches long). Folding a task into the cache costs about what one
+    just-in-time pass costs, and an entry is a whole backbone's worth of memory, so a task seen
+    once (most tasks under uniform traffic over 1,000) is never folded into it; and when the cache
+    is full a newcomer only displaces the least recently used entry if it is at least as hot.
+
+    Args:
+        max_bytes: Budget; an entry larger than it is never cached.
+        metrics: Where hits, misses, evictions and bytes go.
+        admit_after: Recent batches a task must appear in before it is folded into the cache.
+        decay: Per-batch decay of the counts.
+    """
+
+    def __init__(self, max_bytes: int, metrics: Metrics, admit_after: float = 2.0, decay: float = 0.9) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.entry_bytes = 0  # size of one entry, once one was folded
+        self.admit_after, self.decay = admit_after, decay
+        self._metrics = metrics
+        self._entries: collections.OrderedDict[str, tuple[Weights, int]] = collections.OrderedDict()
+        self._heat: dict[str, float] = {}
+        self._scale = 1.0  # counts are stored divided by decay^batches, so a batch decays all in O(1)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Weights | None:
+        """The cached weights (now most recent), or None; counts a hit or a miss.
+
+        Args:
+            key: The task version's key.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            self._metrics.cache_misses.inc()
+            return None
+        self._entries.move_to_end(key)
+        self._metrics.cache_hits.inc()
+        return entry[0]
+
+    def peek(self, key: str) -> Weights | None:
+        """The cached weights or None, counting nothing (the batch's lookup already counted).
+
+        Args:
+            key: The task version's key.
+        """
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    def seen(self, keys: list[str]) -> None:
+        """Count one batch's tasks (each once) and age every count by one batch.
+
+        Args:
+            keys: The task keys present in the batch.
+        """
+        self._scale /= self.decay
+        if self._scale > 1e12:  # renormalise before the stored counts lose precision
+            self._heat = {k: v / self._scale for k, v in self._heat.items() if v / self._scale > 1e-3}
+            self._scale = 1.0
+        for key in keys:
+            self._heat[key] = self._heat.get(key, 0.0) + self._scale
+
+    def heat(self, key: str) -> float:
+        """Decayed count of recent batches the task appeared in."""
+        return self._heat.get(key, 0.0) / self._scale
+
+    def admits(self, key: str) -> bool:
+        """Whether folding this (uncached) task into the cache now is worth it.
+
+        Args:
+            key: The task version's key.
+        """
+        if self.max_bytes == 0 or self.entry_bytes > self.max_bytes or self.heat(key) < self.admit_after:
+            return False
+        if not self._entries or self.nbytes + self.entry_bytes <= self.max_bytes:
+            return True
+        return self.heat(key) >= self.heat(next(iter(self._entries)))  # displaces the LRU entry
+
+    def put(self, key: str, weights: Weights) -> None:
+        """Insert, evicting least recently used entries until it fits.
+
+        Args:
+            key: The task version's key.
+            weights: Output of `fold_adapter`.
+        """
+        size = sum(t.numel() * t.element_size() for t in weights.values())
+        self.entry_bytes = size
+        if size > self.max_bytes:
+            return
+        self.pop(key)
+        while self.nbytes + size > self.max_bytes:
+            self._evict(next(iter(self._entries)))
+        self._entries[key] = (weights, size)
+        self.nbytes += size
+        self._metrics.cache_bytes.set(self.nbytes)
+
+    def pop(self, key: str) -> None:
+        """Drop an entry (a replaced or deleted task), if present, and forget its count.
+
+        Args:
+            key: The task version's key.
+        """
+        self._heat.pop(key, None)
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[1]
+            self._metrics.cache_bytes.set(self.nbytes)
+
+    def _evict(self, key: str) -> None:
+        # Dropping the only reference frees the tensors (CUDA memory returns to torch's allocator).
+        entry = self._entries.pop(key)
+        self.nbytes -= entry[1]
+        self._metrics.cache_bytes.set(self.nbytes)
+        self._metrics.cache_evictions.inc()

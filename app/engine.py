@@ -31,17 +31,14 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import load_state_dict
 from torch import nn
 from torch.func import functional_call
 
-from adapters import MultiTaskViT, PackedTensors, backbone_fingerprint, check_fold, fold_adapter
+from adapters import MultiTaskViT, PackedTensors, backbone_fingerprint, build_backbone, check_fold, fold_adapter
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -102,27 +99,17 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 def load_backbone(settings: Settings) -> tuple[nn.Module, bool]:
     """Build the frozen backbone on CPU in float32; returns it and whether its weights are random.
 
+    The trainer's loader too (`adapters.build_backbone`), so the fingerprints agree; the model
+    carries its spec, against which every adapter's recorded spec is checked at load.
+
     Args:
-        settings: Backbone name, optional checkpoint, pretrained flag and seed.
+        settings: Backbone name, optional checkpoint, model kwargs, pretrained flag and seed.
+
+    Raises:
+        BackboneError: The backbone cannot be built or its weights loaded (the message says why).
     """
-    # Seeded init: a random backbone then has the same fingerprint in every process (and in the
-    # trainer, if it seeds the same way), so adapters trained on it still load.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        model = timm.create_model(settings.backbone, pretrained=settings.pretrained and not settings.checkpoint)
-    random_weights = not settings.pretrained and settings.checkpoint is None
-    if settings.checkpoint is not None:
-        _load_checkpoint(model, settings.checkpoint)
+    model, random_weights = build_backbone(settings.backbone_spec())
     return model.eval().requires_grad_(False), random_weights
-
-
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
-    state = {k: v for k, v in load_state_dict(str(path)).items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit {type(model).__name__}: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 class MergedCache:

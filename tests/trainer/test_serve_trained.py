@@ -61,6 +61,7 @@ def test_adapter_trained_at_img_size_32_is_served(trained_store: Path, vit_check
         listing = client.get("/tasks").json()
     adapter = load_adapter(trained_store / "colours")
     assert listing["backbone"]["input_size"] == [3, 32, 32]
+    assert listing["backbone"]["model_kwargs"] == {"img_size": 32}
     assert listing["backbone"]["fingerprint"] == adapter.fingerprint  # one loader: the same weights
     assert [(t["name"], t["state"]) for t in listing["tasks"]] == [("colours", "loaded")]
     assert adapter.backbone_spec.model_kwargs == {"img_size": 32}

@@ -1,18 +1,40 @@
-"""The in-house backbone, registered with timm so every part of the project builds it by name.
+"""The frozen backbone: ONE spec and ONE builder, shared by the trainer, the server and export.
 
-`vit_pico_patch4_32.cifar5` is a small ViT pretrained in-house on 5 CIFAR-10 classes at 32×32
+A `BackboneSpec` says which backbone an adapter belongs to (timm name, local checkpoint,
+`timm.create_model` kwargs such as `img_size`, seed of a random init, pretrained flag);
+`build_backbone(spec)` is the only code that turns it into weights. The trainer records the spec
+in every adapter_config.json, and the server refuses an adapter whose spec does not match its own,
+so the two can never build different backbones from the same words.
+
+Also here: the in-house backbone, registered with timm so every part of the project builds it by
+name. `vit_pico_patch4_32.cifar5` is a small ViT pretrained in-house on 5 CIFAR-10 classes at 32×32
 px (see `adapters/weights/README.md`): NOT an ImageNet model. Its weights ship inside the package,
 so `timm.create_model("vit_pico_patch4_32.cifar5", pretrained=True)` works offline once
 `adapters` is imported.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from unittest import mock
+from urllib.parse import urlparse
 
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
 
-__all__ = ["PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS"]
+__all__ = ["PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "BackboneSpec", "BackboneError", "build_backbone",
+           "load_weights", "hub_offline"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PICO_NAME = "vit_pico_patch4_32.cifar5"
@@ -47,3 +69,236 @@ def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
         VisionTransformer, "vit_pico_patch4_32", pretrained,
         pretrained_filter_fn=checkpoint_filter_fn, **{**PICO_KWARGS, **kwargs},
     )
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be built or its weights cannot be loaded; the message says why.
+
+    Attributes:
+        needs_weights: True when only pretrained weights are missing (offline, not cached, none in
+            timm): the caller can say which option gives local weights (--checkpoint, RLRR_CHECKPOINT).
+    """
+
+    def __init__(self, message: str, needs_weights: bool = False) -> None:
+        super().__init__(message)
+        self.needs_weights = needs_weights
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that decides the frozen backbone's weights and geometry.
+
+    `model_kwargs` is normalised on construction (JSON types, sorted keys; an `img_size` equal to
+    the model's default is dropped) so that two specs of the same backbone compare equal.
+
+    Attributes:
+        name: timm model name with optional pretrained tag, e.g. 'vit_base_patch16_224.augreg_in21k'.
+        checkpoint: Local weights (.safetensors / .pth), head ignored; wins over `pretrained`.
+        model_kwargs: Extra `timm.create_model` arguments that shape the backbone, e.g. {"img_size": 32}.
+            Training-only arguments (drop_path_rate) do not belong here: `build_backbone` takes them.
+        seed: Seed of the random init, so a random backbone has the same fingerprint in every process.
+        pretrained: Load timm's pretrained weights (embedded file, hub or HF cache) when no checkpoint.
+    """
+
+    name: str
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    pretrained: bool = True
+
+    def __post_init__(self) -> None:
+        try:  # JSON round trip: what adapter_config.json holds is exactly what compares equal
+            kwargs = json.loads(json.dumps(dict(self.model_kwargs), sort_keys=True))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model_kwargs must be JSON values: {e}") from None
+        default = _default_img_size(self.name)
+        if "img_size" in kwargs and default is not None and _pair(kwargs["img_size"]) == default:
+            del kwargs["img_size"]  # the default resolution: the same backbone as without the kwarg
+        object.__setattr__(self, "model_kwargs", kwargs)
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether `build_backbone` gives a seeded random init (no checkpoint, not pretrained)."""
+        return self.checkpoint is None and not self.pretrained
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in adapter_config.json (`backbone_spec`)."""
+        return {"name": self.name, "checkpoint": self.checkpoint, "model_kwargs": dict(self.model_kwargs),
+                "seed": self.seed, "pretrained": self.pretrained}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BackboneSpec:
+        """Inverse of `to_dict`; unknown keys are an error (a newer writer's field we cannot honour).
+
+        Args:
+            d: A `to_dict` result.
+        """
+        unknown = sorted(set(d) - {"name", "checkpoint", "model_kwargs", "seed", "pretrained"})
+        if unknown:
+            raise ValueError(f"unknown backbone_spec fields {unknown}")
+        if not isinstance(d.get("name"), str) or not isinstance(d.get("model_kwargs", {}), dict):
+            raise ValueError("backbone_spec needs a string 'name' and a 'model_kwargs' object")
+        return cls(name=d["name"], checkpoint=d.get("checkpoint"), model_kwargs=d.get("model_kwargs", {}),
+                   seed=int(d.get("seed", 0)), pretrained=bool(d.get("pretrained", True)))
+
+
+def _pair(size: Any) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return size[0], size[1]
+    return None
+
+
+def _default_img_size(name: str) -> tuple[int, int] | None:
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name is reported by build_backbone, not here
+        return None
+    size = getattr(cfg, "input_size", None)
+    return (size[-2], size[-1]) if size else None
+
+
+def build_backbone(spec: BackboneSpec, drop_path_rate: float = 0.0) -> tuple[nn.Module, bool]:
+    """Build the backbone a spec names, on CPU in float32; returns it and whether its weights are random.
+
+    The model gets `model.backbone_spec = spec` (as timm sets `pretrained_cfg`), so `save_adapter`
+    records it and `load_adapter` checks adapters against it. With an `img_size` in the kwargs its
+    `pretrained_cfg["input_size"]` is that size (timm keeps the pretrained one), so every data
+    config resolved from the model (trainer eval transform, server preprocessing) agrees with it.
+
+    Args:
+        spec: The backbone.
+        drop_path_rate: Stochastic depth at the last block (training only; no effect in eval mode).
+
+    Raises:
+        BackboneError: Unknown model, no pretrained weights to be had (`needs_weights`), or a
+            checkpoint that is missing, unreadable or does not fit (missing/unexpected/mis-shaped keys).
+    """
+    name = spec.name
+    if not timm.is_model(name.split(".")[0]):
+        raise BackboneError(f"unknown timm model '{name}' (see timm.list_models('vit_*'))")
+    pretrained = spec.pretrained and spec.checkpoint is None
+    if pretrained and not _has_pretrained_source(name):
+        raise BackboneError(f"timm has no pretrained weights for '{name}'", needs_weights=True)
+    # Probe the hub only for weights that come from it (the in-house backbone's are a local file).
+    offline = pretrained and not timm.models.get_pretrained_cfg(name).file and hub_offline()
+    kwargs = {**spec.model_kwargs, "drop_path_rate": drop_path_rate}
+    try:
+        # Seeded, and without touching the caller's RNG: a random backbone has the same weights
+        # (and fingerprint) in the trainer, the server and every Ray replica.
+        with torch.random.fork_rng(devices=[]), _local_files_only(offline):
+            torch.manual_seed(spec.seed)
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as e:  # huggingface_hub's not-found / connection errors are OSErrors
+        why = ("offline (HF_HUB_OFFLINE set or the hub unreachable) and not in the local cache"
+               if offline else f"download failed ({e})")
+        raise BackboneError(f"cannot load pretrained weights for '{name}': {why}", needs_weights=True) from None
+    except (RuntimeError, TypeError) as e:
+        if "Unknown model" in str(e):
+            raise BackboneError(f"unknown timm model '{name}'") from None
+        raise BackboneError(f"cannot build '{name}' with model_kwargs {json.dumps(spec.model_kwargs)}: {e}") from None
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint)
+    if "img_size" in spec.model_kwargs and getattr(getattr(model, "patch_embed", None), "img_size", None):
+        in_chans = model.patch_embed.proj.in_channels
+        cfg = {**model.pretrained_cfg, "input_size": (in_chans, *model.patch_embed.img_size)}
+        model.pretrained_cfg = model.default_cfg = cfg
+    model.backbone_spec = spec
+    return model, spec.random_weights
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline(timeout_s: float = 2.0) -> bool:
+    """True when hub downloads cannot work: HF_HUB_OFFLINE is set, or the endpoint does not answer.
+
+    Args:
+        timeout_s: How long to wait for a TCP connection to the hub.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # a proxy may reach what a direct probe cannot; let huggingface_hub try
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        # Without this probe a host with no route spends ~50 s in huggingface_hub's retries.
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return False
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _local_files_only(offline: bool) -> Iterator[None]:
+    """Make huggingface_hub use its cache only (what HF_HUB_OFFLINE=1 does) while `offline`."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once at import; its offline check reads this constant.
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+        yield
+
+
+def _has_pretrained_source(name: str) -> bool:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg is not None and bool(cfg.hf_hub_id or cfg.url or cfg.file)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            # weights_only: a checkpoint is data, never code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise BackboneError(f"cannot read checkpoint {path}: {e}") from None
+    for key in ("state_dict", "model", "module"):  # common wrappers around the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load local weights into a timm model; the classifier head may differ (it is replaced anyway).
+
+    Args:
+        model: The timm model.
+        path: A .safetensors file or a torch checkpoint (.pth/.pt/.bin), loaded without pickle code.
+
+    Raises:
+        BackboneError: The file is missing or unreadable, or its keys/shapes do not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"checkpoint {path} does not exist")
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    head = {k for k in state if k.startswith(("head.", "head_dist."))}
+    for k in head:
+        if k not in own or own[k].shape != state[k].shape:
+            del state[k]  # another class count: the task gets a new head
+    pos = state.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape[-1] == own["pos_embed"].shape[-1] \
+            and pos.shape != own["pos_embed"].shape:
+        # An img_size override: resample the position grid as timm's pretrained loader does.
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=model.patch_embed.grid_size,
+                                                    num_prefix_tokens=prefix)
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(("head.", "head_dist."))]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or wrong:
+        raise BackboneError(
+            f"checkpoint {path} does not fit this backbone: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape mismatch {wrong[:5]}")
+    model.load_state_dict(state, strict=False)  # only head keys may be absent (checked above)

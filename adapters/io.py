@@ -21,11 +21,12 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .backbones import BackboneSpec
 from .config import RLRRConfig
 from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint
 from .packed import PackedTensors
 
-__all__ = ["Adapter", "AdapterError", "save_adapter", "load_adapter", "FORMAT_VERSION",
+__all__ = ["Adapter", "AdapterError", "save_adapter", "load_adapter", "check_backbone_spec", "FORMAT_VERSION",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 FORMAT_VERSION = 1
@@ -55,6 +56,7 @@ class Adapter:
     format_version: int = FORMAT_VERSION
     path: Path | None = None
     weights_sha256: str = ""
+    backbone_spec: BackboneSpec | None = None  # always set by load_adapter (derived for older files)
 
     @property
     def version(self) -> str:
@@ -93,6 +95,7 @@ def save_adapter(
         labels: list[str] | None = None,
         data_config: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        backbone_spec: BackboneSpec | None = None,
 ) -> Path:
     """Write an adapter folder atomically (replacing any adapter already there).
 
@@ -107,7 +110,11 @@ def save_adapter(
         labels: Class names, one per class; '0', '1', ... when None.
         data_config: Preprocessing (timm data config) the task expects.
         metadata: Free-form training metadata (metrics, recipe, seed, timing ...).
+        backbone_spec: How the frozen backbone was built; default the model's `backbone_spec`
+            (set by `build_backbone`), else derived from `metadata["backbone"]` / `base_model`.
     """
+    if backbone_spec is None and isinstance(model_or_tensors, nn.Module):
+        backbone_spec = getattr(model_or_tensors, "backbone_spec", None)
     if isinstance(model_or_tensors, nn.Module):
         model = model_or_tensors
         if not hasattr(model, "rlrr_config"):
@@ -130,6 +137,7 @@ def save_adapter(
             raise ValueError(f"saving raw tensors needs {', '.join(missing)}")
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     _check_tensors(tensors, num_classes, labels)
+    spec = backbone_spec or _derived_spec(base_model, metadata or {})
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -143,6 +151,7 @@ def save_adapter(
             "rlrr_config": config.to_dict(),
             "base_model": base_model,
             "backbone_fingerprint": fingerprint,
+            "backbone_spec": spec.to_dict(),
             "num_classes": num_classes,
             "labels": labels,
             "data_config": _jsonable(data_config or {}),
@@ -200,6 +209,38 @@ def _check_tensors(tensors: dict[str, torch.Tensor], num_classes: int, labels: l
             raise AdapterError(f"tensor '{name}' holds non-finite values (NaN or inf)")
 
 
+def _derived_spec(base_model: str, metadata: dict[str, Any]) -> BackboneSpec:
+    """The spec of an adapter written before `backbone_spec` existed (or without one).
+
+    The trainer used to record only `metadata.backbone` (name, checkpoint, model_kwargs); files
+    without even that were built from `base_model` with timm's defaults.
+    """
+    meta = metadata.get("backbone") if isinstance(metadata.get("backbone"), dict) else {}
+    return BackboneSpec(name=meta.get("name") or base_model, checkpoint=meta.get("checkpoint"),
+                        model_kwargs=meta.get("model_kwargs") or {})
+
+
+def check_backbone_spec(adapter: BackboneSpec, backbone: BackboneSpec, where: str) -> None:
+    """Refuse an adapter whose backbone was built with other timm kwargs than the given backbone.
+
+    Only `model_kwargs` is compared: name, checkpoint, seed and pretrained flag all end up in the
+    weights, which the fingerprint compares exactly (a renamed copy of the same weights still fits).
+
+    Args:
+        adapter: The adapter's recorded spec.
+        backbone: The spec of the backbone it is to run on.
+        where: The adapter's name, for the message.
+
+    Raises:
+        AdapterError: The kwargs differ; the message shows both as JSON (what RLRR_BACKBONE_KWARGS takes).
+    """
+    if adapter.model_kwargs != backbone.model_kwargs:
+        raise AdapterError(
+            f"adapter {where} was trained on backbone '{adapter.name}' with model_kwargs "
+            f"{json.dumps(adapter.model_kwargs, sort_keys=True)}, but this backbone '{backbone.name}' "
+            f"has model_kwargs {json.dumps(backbone.model_kwargs, sort_keys=True)}")
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise AdapterError(f"no adapter at {directory}: not a directory")
@@ -227,6 +268,7 @@ def load_adapter(
         directory: str | os.PathLike,
         backbone: nn.Module | None = None,
         fingerprint: str | None = None,
+        backbone_spec: BackboneSpec | None = None,
 ) -> Adapter:
     """Read and validate an adapter folder.
 
@@ -235,10 +277,13 @@ def load_adapter(
         backbone: When given, the adapter must have been trained on exactly these frozen weights,
             and its tensors must have the shapes this backbone needs.
         fingerprint: The backbone's fingerprint, if already computed (skips hashing it again).
+        backbone_spec: The backbone's spec; default `backbone.backbone_spec` (set by `build_backbone`).
+            When known, the adapter's recorded spec must have the same `model_kwargs` (checked first:
+            it names the cause that a fingerprint mismatch would only hint at).
 
     Raises:
-        AdapterError: Missing or corrupt files, unknown format version, another backbone, wrong
-            shapes or non-finite values; the message names the problem.
+        AdapterError: Missing or corrupt files, unknown format version, another backbone (other
+            model_kwargs or weights), wrong shapes or non-finite values; the message names the problem.
     """
     directory = Path(directory)
     doc = _read_config(directory)
@@ -246,6 +291,15 @@ def load_adapter(
         config = RLRRConfig.from_dict(doc["rlrr_config"])
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory / CONFIG_NAME}: invalid rlrr_config: {e}") from None
+    try:
+        spec = (BackboneSpec.from_dict(doc["backbone_spec"]) if "backbone_spec" in doc
+                else _derived_spec(doc["base_model"], doc.get("metadata") or {}))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{directory / CONFIG_NAME}: invalid backbone_spec: {e}") from None
+    if backbone_spec is None and backbone is not None:
+        backbone_spec = getattr(backbone, "backbone_spec", None)
+    if backbone_spec is not None:
+        check_backbone_spec(spec, backbone_spec, directory.name)
     num_classes = doc["num_classes"]
     if not isinstance(num_classes, int) or num_classes < 1:
         raise AdapterError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -272,6 +326,7 @@ def load_adapter(
         base_model=doc["base_model"], fingerprint=doc["backbone_fingerprint"],
         data_config=doc.get("data_config", {}), metadata=doc.get("metadata", {}),
         format_version=doc["format_version"], path=directory, weights_sha256=doc["weights_sha256"],
+        backbone_spec=spec,
     )
 
 

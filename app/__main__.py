@@ -11,6 +11,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from adapters import BackboneError
 from app.main import create_app
 from app.runtime import load_backbone
 from app.settings import Settings
@@ -31,12 +32,10 @@ def check_backbone(settings: Settings) -> str | None:
         return f"RLRR_CHECKPOINT={settings.checkpoint}: no such file"
     try:
         load_backbone(settings)
-    except OSError as e:  # huggingface_hub's offline / not-found errors, unreadable checkpoint files
-        if settings.checkpoint is not None:
-            return f"cannot read RLRR_CHECKPOINT={settings.checkpoint}: {e}"
-        return (f"cannot load pretrained weights for '{settings.backbone}' (offline, or not in the HF cache): "
-                "set RLRR_CHECKPOINT=FILE for local weights, or RLRR_PRETRAINED=false for a seeded random backbone")
-    except RuntimeError as e:  # unknown model name, a checkpoint for another architecture
+    except BackboneError as e:  # unknown model or kwargs, no weights to be had, a checkpoint that does not fit
+        if e.needs_weights:
+            return (f"{e}: set RLRR_CHECKPOINT=FILE for local weights, or RLRR_PRETRAINED=false for a "
+                    "seeded random backbone")
         return f"backbone '{settings.backbone}': {str(e).splitlines()[0]}"
     return None
 

@@ -210,7 +210,6 @@ class Engine:
             setattr(c, f"{form}_row", row)
             setattr(c, f"{form}_call", max(0.0, one - row))
         c.segment = self._best(lambda: self.multi.fold_segment(task.key), 3)
-        del weights
         trim_heap()
         for name, value in vars(c).items():
             self.metrics.auto_cost.labels(name).set(value)

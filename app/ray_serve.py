@@ -370,6 +370,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         args: Settings fields, e.g. {"store": "/mnt/store", "ray_replicas": 2}.
     """
     settings = Settings(**(args or {}))
+    # Every replica builds its backbone from this spec (backbone, checkpoint, backbone_kwargs, seed):
+    # built here once so kwargs a spec cannot hold fail the deploy, not each replica's start-up.
+    settings.backbone_spec()
     # Replicas may start in another working directory (or on another node sharing the store's path).
     settings.store = settings.store.resolve()
     if settings.checkpoint is not None:

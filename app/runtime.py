@@ -5,14 +5,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import load_state_dict
 from torch import nn
 
+from adapters import build_backbone
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -50,27 +48,17 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 def load_backbone(settings: Settings) -> tuple[nn.Module, bool]:
     """Build the frozen backbone on CPU in float32; returns it and whether its weights are random.
 
+    The trainer's loader too (`adapters.build_backbone`), so the fingerprints agree; the model
+    carries its spec, against which every adapter's recorded spec is checked at load.
+
     Args:
-        settings: Backbone name, optional checkpoint, pretrained flag and seed.
+        settings: Backbone name, optional checkpoint, model kwargs, pretrained flag and seed.
+
+    Raises:
+        BackboneError: The backbone cannot be built or its weights loaded (the message says why).
     """
-    # Seeded init: a random backbone then has the same fingerprint in every process (and in the
-    # trainer, if it seeds the same way), so adapters trained on it still load.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        model = timm.create_model(settings.backbone, pretrained=settings.pretrained and not settings.checkpoint)
-    random_weights = not settings.pretrained and settings.checkpoint is None
-    if settings.checkpoint is not None:
-        _load_checkpoint(model, settings.checkpoint)
+    model, random_weights = build_backbone(settings.backbone_spec())
     return model.eval().requires_grad_(False), random_weights
-
-
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
-    state = {k: v for k, v in load_state_dict(str(path)).items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit {type(model).__name__}: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def trim_heap() -> None:

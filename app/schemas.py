@@ -44,6 +44,8 @@ class BackboneInfo(BaseModel):
     device: str
     dtype: str
     input_size: list[int]
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="timm kwargs it was built with (RLRR_BACKBONE_KWARGS); adapters must match.")
     strategy: str
 
 
@@ -93,7 +95,9 @@ def backbone_info(engine: Engine) -> BackboneInfo:
     """
     return BackboneInfo(name=engine.name, fingerprint=engine.fingerprint, random_weights=engine.random_weights,
                         device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-                        input_size=list(engine.input_size), strategy=engine.strategy)
+                        input_size=list(engine.input_size), strategy=engine.strategy,
+                        # the spec build_backbone attached to the model (adapters check theirs against it)
+                        model_kwargs=dict(getattr(getattr(engine.backbone, "backbone_spec", None), "model_kwargs", {})))
 
 
 def task_info(task: LoadedTask) -> TaskInfo:

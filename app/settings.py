@@ -5,11 +5,14 @@ Nothing else in `app/` reads the environment.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adapters import BackboneSpec
 
 
 class Settings(BaseSettings):
@@ -24,6 +27,13 @@ class Settings(BaseSettings):
     checkpoint: Path | None = Field(None, description="Local backbone weights (.safetensors/.pth); head ignored.")
     pretrained: bool = Field(True, description="Load timm pretrained weights (embedded, hub or HF_HOME cache).")
     seed: int = Field(0, description="Seed for random init, so a random backbone has a stable fingerprint.")
+    # The server does not guess these from the store: one backbone serves every task, so it is
+    # configured once, and an adapter trained with other kwargs is refused with both shown.
+    backbone_kwargs: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description='timm.create_model kwargs of the backbone as JSON, e.g. {"img_size": 32} for adapters '
+                    "trained with --img-size 32; must equal the adapters' backbone_spec.model_kwargs.",
+    )
 
     # Adapters
     store: Path = Field(Path("store"), description="Adapter store: <store>/<task>/adapter_config.json + weights.")
@@ -72,6 +82,24 @@ class Settings(BaseSettings):
         32, ge=1, description="Most tasks a replica keeps loaded (Serve multiplexing, LRU beyond it)."
     )
     ray_ingress_replicas: int = Field(1, ge=1, description="Replicas of the thin HTTP ingress (no model).")
+
+    def backbone_spec(self) -> BackboneSpec:
+        """The served backbone as the shared spec `adapters.build_backbone` builds and adapters record."""
+        return BackboneSpec(name=self.backbone, checkpoint=None if self.checkpoint is None else str(self.checkpoint),
+                            model_kwargs=self.backbone_kwargs, seed=self.seed, pretrained=self.pretrained)
+
+    @field_validator("backbone_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_json(cls, value: object) -> object:
+        # RLRR_BACKBONE_KWARGS is JSON; empty (docker compose's unset `${VAR:-}`) means none.
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not a JSON object: {e}") from None
+        return value
 
     @field_validator("checkpoint", "admin_token", mode="before")
     @classmethod

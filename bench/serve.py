@@ -61,7 +61,7 @@ from adapters import (  # noqa: E402
     fold_adapter,
     save_adapter,
 )
-from app.engine import load_backbone  # noqa: E402
+from app.runtime import load_backbone  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 TOKEN = "bench-token"

@@ -59,7 +59,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm name with pretrained tag")
     g.add_argument("--checkpoint", help="local backbone weights (.safetensors or .pth); no network")
     g.add_argument("--img-size", type=int,
-                   help="input resolution for small CPU runs (position embeddings interpolated)")
+                   help="input resolution: timm's img_size (position grid resampled); recorded in the "
+                        "adapter's backbone_spec, serve with RLRR_BACKBONE_KWARGS='{\"img_size\": N}'")
     g = p.add_argument_group("method")
     g.add_argument("--method", default="rlrr", choices=("rlrr", "ssf", "linear", "full"))
     g.add_argument("--no-left", action="store_true", help="ablation: no left (row) scaling l")

@@ -2,9 +2,13 @@
 
     python -m trainer export --task dtd --out dtd.safetensors
     timm.create_model('vit_base_patch16_224', checkpoint_path='dtd.safetensors', num_classes=47)
+
+An adapter trained with model_kwargs (e.g. --img-size 32) exports at that geometry: pass the same
+kwargs to timm.create_model (they are in the file's metadata, `model_kwargs`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,8 +32,9 @@ def export_task(task: str, out: str | os.PathLike, store: str | os.PathLike = "s
         task: Task name (the adapter's folder in the store).
         out: Output file: .safetensors, or anything else for torch.save.
         store: The adapter store.
-        backbone: timm name; default the adapter's base model.
-        checkpoint: Local backbone weights (required offline); must match the adapter's fingerprint.
+        backbone: timm name; default the one in the adapter's recorded backbone spec.
+        checkpoint: Local backbone weights; default the spec's checkpoint path, else timm's pretrained
+            weights (offline: required). Must give the adapter's fingerprint.
 
     Raises:
         StoreError: No such adapter. AdapterError: the adapter is invalid or for other weights.
@@ -37,11 +42,15 @@ def export_task(task: str, out: str | os.PathLike, store: str | os.PathLike = "s
     directory = Path(store) / task
     if not directory.is_dir():
         raise StoreError(f"no adapter for task '{task}' in {store} ({directory} does not exist)")
-    adapter = load_adapter(directory)  # reads the base model name; validated again below
-    name = backbone or adapter.base_model
-    kwargs = adapter.metadata.get("backbone", {}).get("model_kwargs", {})
-    model = create_backbone(name, checkpoint, 0.0, **kwargs)
-    adapter = load_adapter(directory, backbone=model)  # refuses other weights (fingerprint) or shapes
+    adapter = load_adapter(directory)  # reads the recorded backbone spec; validated again below
+    spec = adapter.backbone_spec
+    # The recorded spec, with the command line's overrides: model_kwargs (img_size ...) always come
+    # from the adapter, so the merged checkpoint has the geometry it was trained at.
+    spec = dataclasses.replace(spec, name=backbone or spec.name,
+                               checkpoint=str(checkpoint) if checkpoint is not None else spec.checkpoint)
+    name = spec.name
+    model = create_backbone(spec)
+    adapter = load_adapter(directory, backbone=model)  # refuses other kwargs, weights (fingerprint) or shapes
     folded = fold_adapter(model, adapter.tensors, adapter.config)
     model.reset_classifier(adapter.num_classes)
     model.load_state_dict(folded, strict=False)  # fold_adapter returns only the tensors it changed
@@ -51,7 +60,7 @@ def export_task(task: str, out: str | os.PathLike, store: str | os.PathLike = "s
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if out.suffix == ".safetensors":
         meta = {"task": task, "base_model": name, "num_classes": str(adapter.num_classes),
-                "labels": json.dumps(adapter.labels)}
+                "labels": json.dumps(adapter.labels), "model_kwargs": json.dumps(spec.model_kwargs)}
         save_file(state, str(tmp), metadata=meta)
     else:
         torch.save(state, tmp)

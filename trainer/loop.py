@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from adapters import RLRRConfig, adapter_state_dict, add_rlrr, backbone_fingerprint, save_adapter
 
 from . import plots
-from .backbone import DEFAULT_BACKBONE, create_backbone
+from .backbone import DEFAULT_BACKBONE, backbone_spec, create_backbone
 from .data import ImageDataset, build_transform, load_task_data, task_data_config
 from .errors import ConfigError, StoreError
 from .progress import Progress
@@ -262,10 +262,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     num_classes = data.num_classes
 
     # -- model -----------------------------------------------------------------------------------
-    # --img-size keeps the pretrained position grid and interpolates it per forward, so the
-    # backbone (and its fingerprint) is the one the server builds from the name.
-    model_kwargs = {"dynamic_img_size": True} if cfg.img_size else {}
-    model = create_backbone(cfg.backbone, cfg.checkpoint, cfg.drop_path, **model_kwargs)
+    # --img-size is the timm kwarg img_size (position grid resampled once at load). The spec goes
+    # into the adapter, and a server built from the same spec has the same fingerprint.
+    spec = backbone_spec(cfg.backbone, cfg.checkpoint, cfg.img_size)
+    model = create_backbone(spec, drop_path=cfg.drop_path)
     fingerprint = backbone_fingerprint(model)  # ~0.5 s for ViT-B on CPU
     data_config = task_data_config(task, model, cfg.img_size)
     if rlrr_config is None:
@@ -402,7 +402,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "timing": timing, "trainable_params": n_train, "total_params": n_total,
         "data": {"format": data.format, "splits": {k: len(v) for k, v in data.splits.items()},
                  "notes": data.notes},
-        "backbone": {"name": cfg.backbone, "checkpoint": cfg.checkpoint, "model_kwargs": model_kwargs},
+        "backbone": {"name": cfg.backbone, "checkpoint": cfg.checkpoint, "model_kwargs": spec.model_kwargs},
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
     metadata["training"] = _draw_pictures(model, rlrr_config, run_dir, log_path, title, metrics)
@@ -415,13 +415,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         export = run_dir / "model.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(export))
+        kwargs = "".join(f", {k}={v!r}" for k, v in spec.model_kwargs.items())  # e.g. the trained img_size
         _say(f"--method full has no adapter: the store is not written; the fine-tuned model is {export} "
-             f"(timm.create_model('{cfg.backbone.split('.')[0]}', checkpoint_path=..., num_classes={num_classes}))")
+             f"(timm.create_model('{cfg.backbone.split('.')[0]}', checkpoint_path=..., num_classes={num_classes}"
+             f"{kwargs}))")
         return TrainResult(metrics, model, run_dir, None, export)
     if store_dir.exists() and not cfg.overwrite:  # appeared while we trained
         raise StoreError(f"{store_dir} appeared during training; pass --overwrite to replace it")
     save_adapter(model, store_dir, base_model=cfg.backbone, config=rlrr_config, fingerprint=fingerprint,
-                 num_classes=num_classes, labels=data.labels, data_config=data_config, metadata=metadata)
+                 num_classes=num_classes, labels=data.labels, data_config=data_config, metadata=metadata,
+                 backbone_spec=spec)
     _say(f"adapter written to {store_dir}")
     return TrainResult(metrics, model, run_dir, store_dir, None)
 

@@ -190,7 +190,8 @@ def publish(rows: list[dict[str, Any]], best: dict[str, Any], store_dir: Path, k
              "best": {k: best[k] for k in keys}, "grid": grid}
     return save_adapter(adapter.tensors, store_dir, base_model=adapter.base_model, config=adapter.config,
                         fingerprint=adapter.fingerprint, num_classes=adapter.num_classes, labels=adapter.labels,
-                        data_config=adapter.data_config, metadata={**adapter.metadata, "sweep": sweep})
+                        data_config=adapter.data_config, metadata={**adapter.metadata, "sweep": sweep},
+                        backbone_spec=adapter.backbone_spec)
 
 
 def format_table(rows: list[dict[str, Any]], keys: list[str], best: dict[str, Any] | None = None) -> str:

@@ -86,7 +86,7 @@ def test_settings_from_env(monkeypatch) -> None:
     ("overrides", "expected"),
     [
         ({"backbone": "test_vit", "pretrained": True, "checkpoint": None}, "RLRR_CHECKPOINT=FILE"),
-        ({"backbone": "no_such_vit", "checkpoint": None}, "Unknown model"),
+        ({"backbone": "no_such_vit", "checkpoint": None}, "unknown timm model 'no_such_vit'"),
         ({"checkpoint": "/nonexistent/w.safetensors"}, "no such file"),
     ],
 )

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapters import RLRRConfig, adapter_shapes, load_adapter
@@ -52,8 +53,9 @@ def test_loss_falls_and_accuracy_beats_chance(cifar_run: Run) -> None:
 
 
 def test_stored_adapter_loads_with_its_metadata(cifar_run: Run, vit_checkpoint: Path) -> None:
-    backbone = create_backbone("test_vit", vit_checkpoint)
-    adapter = load_adapter(cifar_run.result.adapter_dir, backbone=backbone)  # checks fingerprint + shapes
+    backbone = create_backbone("test_vit", vit_checkpoint, img_size=32)  # the spec --img-size 32 recorded
+    adapter = load_adapter(cifar_run.result.adapter_dir, backbone=backbone)  # checks kwargs, fingerprint, shapes
+    assert adapter.backbone_spec.model_kwargs == {"img_size": 32}
     assert adapter.labels == ["airplane", "frog", "truck"] and adapter.num_classes == 3
     assert adapter.base_model == "test_vit"
     meta = adapter.metadata
@@ -72,7 +74,9 @@ def test_merged_export_gives_the_trained_logits(cifar_run: Run, cifar3: Path, vi
     out = tmp_path / "cifar3.safetensors"
     assert main(["export", "--task", "cifar3", "--out", str(out), "--store", cifar_run.cfg.store,
                  "--checkpoint", str(vit_checkpoint)]) == 0
-    merged = timm.create_model("test_vit", checkpoint_path=str(out), num_classes=3).eval()
+    # Exported at the trained geometry: the file's metadata says img_size=32.
+    assert json.loads(safe_open(str(out), "pt").metadata()["model_kwargs"]) == {"img_size": 32}
+    merged = timm.create_model("test_vit", checkpoint_path=str(out), num_classes=3, img_size=32).eval()
     data = load_task_data(Task("cifar3"), cifar3)
     data_config = load_adapter(cifar_run.result.adapter_dir).data_config  # what a server would use
     ds = ImageDataset(data.splits["test"][::5], build_transform(data_config, train=False))
@@ -114,7 +118,7 @@ def test_full_finetuning_writes_a_model_not_an_adapter(tiny_imagefolder: Path, v
     result = train(cfg)
     assert result.adapter_dir is None and not (tmp_path / "store").exists()
     assert set(load_file(str(result.export_path))) == set(result.model.state_dict())
-    model = timm.create_model("test_vit", checkpoint_path=str(result.export_path), num_classes=2).eval()
+    model = timm.create_model("test_vit", checkpoint_path=str(result.export_path), num_classes=2, img_size=32).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), result.model.eval()(x))

@@ -35,6 +35,12 @@ DEFAULT_TOP_K, MAX_TOP_K = 5, 1000
 Parameters = dict[str, Any]
 
 
+class ErrorBody(BaseModel):
+    """Every error of the protocol's routes."""
+
+    error: str
+
+
 class TensorMetadata(BaseModel):
     """Name, datatype and shape of a model input or output (-1: any size)."""
 
@@ -175,6 +181,24 @@ def model_metadata(name: str, version: str) -> ModelMetadata:
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[TensorMetadata(name=LABELS, datatype="BYTES", shape=[-1, -1]),
                  TensorMetadata(name=SCORES, datatype="FP32", shape=[-1, -1])])
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` inlined (for an OpenAPI body not tied to a parameter).
+
+    Args:
+        model: A pydantic model without recursive fields.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            return resolve(defs[node["$ref"].rsplit("/", 1)[-1]]) if "$ref" in node else {
+                k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
 
 
 def parse_request(body: bytes, headers: Mapping[str, str]) -> InferRequest:

@@ -14,6 +14,8 @@ from app.deps import BatcherDep, PreprocessorDep, RegistryDep, SettingsDep
 from app.errors import NotReady, UnknownTask
 from app.oip import (
     HEADER_LENGTH,
+    ErrorBody,
+    InferRequest,
     ModelMetadata,
     ModelReady,
     OIPRoute,
@@ -21,6 +23,7 @@ from app.oip import (
     ServerMetadata,
     ServerReady,
     infer_response,
+    inline_schema,
     model_metadata,
     parse_request,
 )
@@ -28,9 +31,10 @@ from app.payloads import check_images, read_body
 from app.pipeline import classify_images
 from app.registry import NAME_MAX, NAME_PATTERN, LoadedTask
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=OIPRoute)
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 503)}
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=OIPRoute, responses=_ERRORS)
 _INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+    "application/json": {"schema": inline_schema(InferRequest)},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                             "description": f"JSON header of {HEADER_LENGTH} bytes, then tensor data"}},
 }}}

@@ -199,3 +199,13 @@ def test_bytes_encoding_round_trips() -> None:
     elements = [b"", b"a", bytes(range(256)) * 3]
     assert split_bytes(join_bytes(elements)) == elements
     assert join_bytes([b"ab"]) == b"\x02\x00\x00\x00ab"
+
+
+def test_openapi_documents_the_protocol(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    refs = set(re.findall(r"#/components/schemas/(\w+)", json.dumps(spec)))
+    assert refs <= set(spec["components"]["schemas"])  # no dangling reference
+    body = spec["paths"]["/v2/models/{task}/infer"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "application/octet-stream"}
+    assert "inputs" in body["application/json"]["schema"]["required"]
+    assert spec["paths"]["/v2/models/{task}/ready"]["get"]["responses"]["404"]

@@ -23,7 +23,7 @@ from app.errors import install_handlers
 from app.metrics import Metrics
 from app.preprocess import Preprocessor
 from app.registry import Registry
-from app.routes import classify, health, tasks
+from app.routes import classify, health, page, tasks, v2
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     install_handlers(app)
     app.middleware("http")(_record_request)
-    for module in (classify, tasks, health):
+    for module in (classify, tasks, health, v2, page):
         app.include_router(module.router)
     return app
 

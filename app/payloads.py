@@ -86,11 +86,21 @@ async def read_images(request: Request, max_bytes: int, max_images: int) -> list
         raise UnsupportedMediaType(
             f"content type {kind!r} not accepted: send image/jpeg, image/png or image/webp as the body, "
             "or multipart/form-data with 'file' fields")
+    check_images(images, max_images)
+    return images
+
+
+def check_images(images: list[bytes], max_images: int) -> None:
+    """Refuse too many images in one request, or an empty one.
+
+    Args:
+        images: The encoded images of a request.
+        max_images: Most images accepted.
+    """
     if len(images) > max_images:
         raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {max_images}")
     if any(not data for data in images):
         raise BadRequest("empty image")
-    return images
 
 
 async def _once(body: bytes) -> AsyncGenerator[bytes, None]:

@@ -182,7 +182,7 @@ class Classifier:
         details = [await self._detail(name) for name in self.registry.stored_names()]
         ordered = sorted(details, key=lambda d: (d.state != "loaded", d.name))  # as the single server lists them
         tasks = [TaskInfo(**d.model_dump(include=set(TaskInfo.model_fields))) for d in ordered]
-        return TaskList(backbone=backbone_info(self.engine), tasks=tasks).model_dump()
+        return TaskList(backbone=backbone_info(self.engine, self.settings), tasks=tasks).model_dump()
 
     async def detail(self, name: str) -> dict[str, Any]:
         """GET /tasks/NAME.

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
+from timm.models import get_pretrained_cfg
+
+from adapters.backbones import WEIGHTS_DIR
 
 if TYPE_CHECKING:
     from app.engine import Engine
+    from app.settings import Settings
     from app.tasks import LoadedTask
 
 
@@ -47,6 +52,9 @@ class BackboneInfo(BaseModel):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="timm kwargs it was built with (RLRR_BACKBONE_KWARGS); adapters must match.")
     strategy: str
+    source: Literal["in-house", "hub", "local file", "random"] = Field(
+        description="Where the weights came from: shipped in the package, a model hub, a local checkpoint, or none.")
+    weights: str | None = Field(None, description="The checkpoint path, hub id or packaged file of the weights.")
 
 
 class TaskInfo(BaseModel):
@@ -57,6 +65,7 @@ class TaskInfo(BaseModel):
     reason: str | None = None
     version: str | None = None
     num_classes: int | None = None
+    labels: list[str] = Field(default_factory=list, description="Class names, by class index.")
     parameters: int | None = None
     bytes: int | None = None
     base_model: str | None = None
@@ -67,7 +76,6 @@ class TaskInfo(BaseModel):
 class TaskDetail(TaskInfo):
     """One task with its labels and configuration."""
 
-    labels: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
     data_config: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -87,17 +95,35 @@ class Health(BaseModel):
     tasks: int | None = None
 
 
-def backbone_info(engine: Engine) -> BackboneInfo:
+def backbone_info(engine: Engine, settings: Settings) -> BackboneInfo:
     """The served backbone, as GET /tasks shows it.
 
     Args:
         engine: The engine holding it.
+        settings: The settings it was built from (where its weights came from).
     """
+    source, weights = backbone_source(settings)
     return BackboneInfo(name=engine.name, fingerprint=engine.fingerprint, random_weights=engine.random_weights,
                         device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-                        input_size=list(engine.input_size), strategy=engine.strategy,
+                        input_size=list(engine.input_size), strategy=engine.strategy, source=source, weights=weights,
                         # the spec build_backbone attached to the model (adapters check theirs against it)
                         model_kwargs=dict(getattr(getattr(engine.backbone, "backbone_spec", None), "model_kwargs", {})))
+
+
+def backbone_source(settings: Settings) -> tuple[Literal["in-house", "hub", "local file", "random"], str | None]:
+    """Where the backbone's weights come from, and the file or hub id.
+
+    Args:
+        settings: Backbone name, checkpoint and pretrained flag.
+    """
+    if settings.checkpoint is not None:
+        return "local file", str(settings.checkpoint)
+    if not settings.pretrained:
+        return "random", None
+    cfg = get_pretrained_cfg(settings.backbone, allow_unregistered=True)
+    if cfg is not None and cfg.file and Path(cfg.file).resolve().is_relative_to(WEIGHTS_DIR.resolve()):
+        return "in-house", Path(cfg.file).name
+    return "hub", (cfg.hf_hub_id or cfg.url or None) if cfg is not None else None
 
 
 def task_info(task: LoadedTask) -> TaskInfo:
@@ -107,7 +133,7 @@ def task_info(task: LoadedTask) -> TaskInfo:
         task: The loaded task.
     """
     a = task.adapter
-    return TaskInfo(name=task.name, state="loaded", version=task.version, num_classes=a.num_classes,
+    return TaskInfo(name=task.name, state="loaded", version=task.version, num_classes=a.num_classes, labels=a.labels,
                     parameters=a.num_params, bytes=a.nbytes, base_model=a.base_model,
                     metrics=dict(a.metadata.get("metrics") or {}), loaded_at=task.loaded_at)
 
@@ -119,7 +145,7 @@ def task_detail(task: LoadedTask) -> TaskDetail:
         task: The loaded task.
     """
     a = task.adapter
-    return TaskDetail(**task_info(task).model_dump(), labels=a.labels, config=a.config.to_dict(),
+    return TaskDetail(**task_info(task).model_dump(), config=a.config.to_dict(),
                       data_config=task.data_config, metadata=a.metadata)
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
 from app.deps import BatcherDep, EngineDep, PreprocessorDep, RegistryDep, SettingsDep
-from app.engine import BatchItem
 from app.payloads import read_images
+from app.pipeline import classify_images
 from app.registry import NAME_MAX, NAME_PATTERN
 from app.schemas import ClassifyResponse, classify_response
 
@@ -40,7 +39,5 @@ async def classify(
     loaded = registry.get(task)
     request.state.task = task
     images = await read_images(request, settings.max_body_bytes, settings.max_images)
-    tensors = await preprocessor.decode_many(images, loaded.transform)
-    futures = batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors])
-    predictions = await asyncio.gather(*futures)
+    predictions = await classify_images(loaded, images, top_k, preprocessor, batcher)
     return classify_response(loaded, engine.fingerprint, time.perf_counter() - start, predictions)

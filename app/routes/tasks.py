@@ -20,9 +20,9 @@ _UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": 
 
 
 @router.get("", response_model=TaskList)
-async def list_tasks(registry: RegistryDep, engine: EngineDep) -> TaskList:
+async def list_tasks(registry: RegistryDep, engine: EngineDep, settings: SettingsDep) -> TaskList:
     """The backbone, every served task, and every refused one with its reason."""
-    backbone = backbone_info(engine)
+    backbone = backbone_info(engine, settings)
     skipped = [TaskInfo(name=n, state="skipped", reason=r) for n, r in sorted(registry.skipped.items())]
     return TaskList(backbone=backbone, tasks=[task_info(t) for _, t in sorted(registry.tasks.items())] + skipped)
 

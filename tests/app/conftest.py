@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import timm
 import torch
@@ -20,8 +29,12 @@ from torch import nn
 from adapters import RLRRConfig, add_rlrr, merge_rlrr, save_adapter
 from app.main import create_app
 from app.settings import Settings
+from trainer.mini_vtab import SHARED_DATA
 
 BACKBONE = "test_vit"
+REPO = Path(__file__).resolve().parents[2]
+ANT = "hymenoptera/val/ants/10308379_1b6c72e180.jpg"
+BEE = "hymenoptera/val/bees/1032546534_06907fe3b3.jpg"
 TASKS = {  # name -> (classes, method)
     "alpha": (5, "rlrr"),
     "beta": (3, "ssf"),
@@ -175,3 +188,84 @@ def make_upload(tmp_path: Path, backbone_state: dict[str, torch.Tensor]) -> Call
         return save_adapter(model, tmp_path / f"upload-{seed}-{classes}", base_model=BACKBONE, labels=labels)
 
     return make
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(env: dict[str, str], log: Path) -> Iterator[str]:
+    """A real `python -m app` (uvicorn) on a free loopback port, until ready; yields its base URL.
+
+    Args:
+        env: RLRR_* settings (host and port are set here).
+        log: Where the server's output goes.
+    """
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env, "RLRR_HOST": "127.0.0.1", "RLRR_PORT": str(port)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90  # a start-up bound, not a performance assertion
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server never became ready:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Callable[[dict[str, str], Path], AbstractContextManager[str]]:
+    """`with start_server(env, log) as url:` a real server (see `live_server`)."""
+    return live_server
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make serve`'s configuration (in-house backbone, a copy of demo/store) as a real server; its URL."""
+    root = tmp_path_factory.mktemp("demo-server")
+    store = shutil.copytree(REPO / "demo" / "store", root / "store")  # never write the repo
+    env = {"RLRR_STORE": str(store), "RLRR_DEVICE": "cpu", "RLRR_ADMIN_TOKEN": "", "RLRR_PREPROCESS_WORKERS": "2"}
+    with live_server(env, root / "server.log") as url:
+        yield url
+
+
+def _photo(member: str) -> bytes:
+    archive = SHARED_DATA / "hymenoptera.tar"
+    if not archive.is_file():
+        pytest.fail(f"{archive} is missing: the shared data sets live in ../shared/data")
+    with tarfile.open(archive) as tar:
+        data = tar.extractfile(member)
+        assert data is not None, member
+        return data.read()
+
+
+@pytest.fixture(scope="session")
+def ant_photo() -> bytes:
+    """A real ant photo (JPEG) from hymenoptera/val."""
+    return _photo(ANT)
+
+
+@pytest.fixture(scope="session")
+def bee_photo() -> bytes:
+    """A real bee photo (JPEG) from hymenoptera/val."""
+    return _photo(BEE)

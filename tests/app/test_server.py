@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,46 +10,15 @@ import httpx
 import pytest
 
 PNG = {"content-type": "image/png"}
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
-def server(store: Path, checkpoint: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = _free_port()
-    env = {**os.environ, "RLRR_BACKBONE": "test_vit", "RLRR_CHECKPOINT": str(checkpoint), "RLRR_STORE": str(store),
-           "RLRR_DEVICE": "cpu", "RLRR_HOST": "127.0.0.1", "RLRR_PORT": str(port), "RLRR_ADMIN_TOKEN": "s3cret",
-           "RLRR_MAX_WAIT_MS": "20", "HF_HUB_OFFLINE": "1"}
+def server(store: Path, checkpoint: Path, tmp_path: Path, start_server) -> Iterator[tuple[str, Path]]:
+    env = {"RLRR_BACKBONE": "test_vit", "RLRR_CHECKPOINT": str(checkpoint), "RLRR_STORE": str(store),
+           "RLRR_DEVICE": "cpu", "RLRR_ADMIN_TOKEN": "s3cret", "RLRR_MAX_WAIT_MS": "20"}
     log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90  # a start-up bound, not a performance assertion
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server never became ready:\n{log.read_text()}")
-            time.sleep(0.2)
+    with start_server(env, log) as url:
         yield url, log
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_real_server_end_to_end(server, refs, png, scores) -> None:

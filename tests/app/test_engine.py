@@ -205,3 +205,44 @@ def test_half_precision_path_agrees_with_float32(make_settings, png) -> None:
         for got in (m, s):
             assert _dist(got).keys() == _dist(w).keys()
             assert [_dist(got)[k] for k in _dist(w)] == pytest.approx(list(_dist(w).values()), abs=0.05)
+
+
+def test_loading_and_serving_fold_nothing(make_settings, refs, png, monkeypatch) -> None:
+    # Validating a task is a bound check, not a fold of the backbone; a task seen once is served by
+    # a just-in-time fold per layer (segmented), not by folding it whole into the cache.
+    import app.engine
+
+    def no_fold(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("a whole-backbone fold happened")
+
+    monkeypatch.setattr(app.engine, "fold_adapter", no_fold)
+    application = create_app(make_settings(warmup=False))
+    with TestClient(application):
+        assert sorted(application.state.registry.tasks) == ["alpha", "beta", "gamma"]
+        got = _dist(_run(application.state.engine, _items(application, ["beta"], png))[0])
+    expected = refs["beta"].probs(png(0))
+    assert [got[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=TOL)
+
+
+def test_an_adapter_with_a_huge_value_is_refused_at_upload(client, make_upload, png) -> None:
+    # Finding 4 of the hostile test: 1e30 used to be accepted and then answered `"score": null`.
+    import json
+
+    from safetensors.torch import load_file
+
+    from adapters import RLRRConfig, save_adapter
+
+    directory = make_upload()
+    doc = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    tensors["blocks.0.mlp.fc2.rlrr_l"][3] = 1e30
+    bad = save_adapter(tensors, directory.parent / "huge", base_model=doc["base_model"],
+                       config=RLRRConfig.from_dict(doc["rlrr_config"]), fingerprint=doc["backbone_fingerprint"],
+                       num_classes=doc["num_classes"], labels=doc["labels"])
+    files = {name: (name, (bad / f).read_bytes()) for name, f in
+             [("config", "adapter_config.json"), ("weights", "adapter_model.safetensors")]}
+    response = client.put("/tasks/huge", files=files, headers=AUTH)
+    assert response.status_code == 422
+    assert "blocks.0.mlp.fc2.rlrr_l" in str(response.json()["detail"]) and "1e+30" in str(response.json()["detail"])
+    assert client.get("/tasks/huge").status_code == 404
+    assert not (client.app.state.registry.store / "huge").exists()

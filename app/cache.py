@@ -2,12 +2,13 @@
 
 Speed does not depend on this cache (a segmented batch folds each layer just in time); it only
 saves hot tasks that fold, and lets a batch of one cached task run as one plain timm forward.
-Only touched on the engine thread.
+Used on the engine thread; `pop` may come from the event loop (a retired task), hence the lock.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 
 import torch
 
@@ -41,6 +42,7 @@ class MergedCache:
         self._entries: collections.OrderedDict[str, tuple[Weights, int]] = collections.OrderedDict()
         self._heat: dict[str, float] = {}
         self._scale = 1.0  # counts are stored divided by decay^batches, so a batch decays all in O(1)
+        self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -54,11 +56,12 @@ class MergedCache:
         Args:
             key: The task version's key.
         """
-        entry = self._entries.get(key)
-        if entry is None:
-            self._metrics.cache_misses.inc()
-            return None
-        self._entries.move_to_end(key)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._metrics.cache_misses.inc()
+                return None
+            self._entries.move_to_end(key)
         self._metrics.cache_hits.inc()
         return entry[0]
 
@@ -77,12 +80,13 @@ class MergedCache:
         Args:
             keys: The task keys present in the batch.
         """
-        self._scale /= self.decay
-        if self._scale > 1e12:  # renormalise before the stored counts lose precision
-            self._heat = {k: v / self._scale for k, v in self._heat.items() if v / self._scale > 1e-3}
-            self._scale = 1.0
-        for key in keys:
-            self._heat[key] = self._heat.get(key, 0.0) + self._scale
+        with self._lock:
+            self._scale /= self.decay
+            if self._scale > 1e12:  # renormalise before the stored counts lose precision
+                self._heat = {k: v / self._scale for k, v in self._heat.items() if v / self._scale > 1e-3}
+                self._scale = 1.0
+            for key in keys:
+                self._heat[key] = self._heat.get(key, 0.0) + self._scale
 
     def heat(self, key: str) -> float:
         """Decayed count of recent batches the task appeared in."""
@@ -112,10 +116,11 @@ class MergedCache:
         if size > self.max_bytes:
             return
         self.pop(key)
-        while self.nbytes + size > self.max_bytes:
-            self._evict(next(iter(self._entries)))
-        self._entries[key] = (weights, size)
-        self.nbytes += size
+        with self._lock:
+            while self.nbytes + size > self.max_bytes:
+                self._evict(next(iter(self._entries)))
+            self._entries[key] = (weights, size)
+            self.nbytes += size
         self._metrics.cache_bytes.set(self.nbytes)
 
     def pop(self, key: str) -> None:
@@ -124,15 +129,16 @@ class MergedCache:
         Args:
             key: The task version's key.
         """
-        self._heat.pop(key, None)
-        entry = self._entries.pop(key, None)
+        with self._lock:
+            self._heat.pop(key, None)
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self.nbytes -= entry[1]
         if entry is not None:
-            self.nbytes -= entry[1]
             self._metrics.cache_bytes.set(self.nbytes)
 
     def _evict(self, key: str) -> None:
-        # Dropping the only reference frees the tensors (CUDA memory returns to torch's allocator).
+        # Under the lock. Dropping the only reference frees the tensors (CUDA memory returns to torch).
         entry = self._entries.pop(key)
         self.nbytes -= entry[1]
-        self._metrics.cache_bytes.set(self.nbytes)
         self._metrics.cache_evictions.inc()

@@ -118,18 +118,26 @@ class Engine:
     async def prepare(self, task: LoadedTask) -> None:
         """Make a task runnable; raises ValueError if it cannot produce finite outputs here.
 
+        Runs beside the engine thread, not on it: an upload does not wait for the running batch
+        (adding a task swaps the multi-task snapshot atomically; a running forward keeps its own).
+
         Args:
             task: A freshly loaded task version.
         """
-        await self._call(self._prepare, task)
+        await asyncio.to_thread(self._prepare, task)
 
     async def retire(self, task: LoadedTask) -> None:
-        """Free a replaced or deleted task version once the current batch is done.
+        """Stop serving a replaced or deleted task version and free it (now, not after the batch).
+
+        A batch already running keeps its snapshot; one still queued with this version re-adds it
+        once and frees it again afterwards.
 
         Args:
             task: The old version.
         """
-        await self._call(self._retire, task)
+        self._retired.add(task.key)
+        self._prune([task.key])
+        await asyncio.to_thread(trim_heap)
 
     async def warm_up(self, tasks: list[LoadedTask]) -> None:
         """Run each form once (kernels, allocator, lazy init), then time them for `auto`.
@@ -155,14 +163,9 @@ class Engine:
         check_bounds(adapter.tensors, adapter.config, self._bounds, self.dtype)
         self.multi.add_task(task.key, adapter.tensors, adapter.config, adapter.num_classes)
 
-    def _retire(self, task: LoadedTask) -> None:
-        # Keys are unique per loaded version, so a retired key never comes back; remembering it
-        # lets a batch that still held the old version free it again afterwards.
-        self._retired.add(task.key)
-        self._prune([task.key])
-        trim_heap()
-
     def _prune(self, keys: list[str]) -> None:
+        # Keys are unique per loaded version, so a retired key never comes back; remembering it
+        # (`_retired`) lets a batch that still held the old version free it again afterwards.
         loaded = set(self.multi.task_names)
         for key in keys:
             if key in loaded:
@@ -191,32 +194,27 @@ class Engine:
         self._calibrate(tasks[0], image)
 
     def _calibrate(self, task: LoadedTask, image: torch.Tensor) -> None:
-        # Time one task's batch of 1 and of B images in each form; the two points give a per-row and
-        # a per-call cost (on CPU the call cost is ~0; on a GPU small batches are all call).
-        big = max(1, self.calibration_batch)
+        # Time one task's batch of 1 and of a few images in the two forms `auto` chooses between for
+        # mixed batches (a one-task cached batch always runs merged); the two points give a per-row and
+        # a per-call cost (on CPU the call cost is ~0; on a GPU small batches are all call). Kept
+        # small: it is most of a server's start-up time on CPU.
+        big = max(1, min(self.calibration_batch, 4))
         x = image[None].to(self.device, self.dtype).expand(big, *image.shape).contiguous()
-        start = time.perf_counter()
-        weights = self._fold(task)  # a temporary: timed as the cost of a cache admission
-        self.costs.fold = self._sync_time(start)
         keys = [task.key] * big
-        forms = {"merged": lambda n: functional_call(self.backbone, weights, (x[:n],)),
-                 "segmented": lambda n: self.multi(x[:n], keys[:n], mode="segmented"),
-                 "unmerged": lambda n: self.multi(x[:n], keys[:n], mode="unmerged")}
         c = self.costs
-        for form, forward in forms.items():
-            one, many = self._best(lambda: forward(1), 3), self._best(lambda: forward(big), 2)  # noqa: B023
+        for form in ("segmented", "unmerged"):
+            one = self._best(lambda: self.multi(x[:1], keys[:1], mode=form), 2)  # noqa: B023
+            many = self._best(lambda: self.multi(x, keys, mode=form), 1) if big > 1 else one  # noqa: B023
             row = (many - one) / (big - 1) if big > 1 else one
             row = max(row, many / big / 4)  # noise guard: a row is never nearly free
             setattr(c, f"{form}_row", row)
             setattr(c, f"{form}_call", max(0.0, one - row))
+        c.merged_row, c.merged_call = c.segmented_row, c.segmented_call  # priced as a segmented pass (upper bound)
         c.segment = self._best(lambda: self.multi.fold_segment(task.key), 3)
-        trim_heap()
         for name, value in vars(c).items():
             self.metrics.auto_cost.labels(name).set(value)
-        log.info("plan costs (ms): merged %.1f/row + %.1f/call, segmented %.1f/row + %.1f/call + %.1f/group, "
-                 "unmerged %.1f/row + %.1f/call, cache fold %.1f", *(1e3 * v for v in (
-                     c.merged_row, c.merged_call, c.segmented_row, c.segmented_call, c.segment,
-                     c.unmerged_row, c.unmerged_call, c.fold)))
+        log.info("plan costs (ms): segmented %.1f/row + %.1f/call + %.1f/group, unmerged %.1f/row + %.1f/call",
+                 *(1e3 * v for v in (c.segmented_row, c.segmented_call, c.segment, c.unmerged_row, c.unmerged_call)))
 
     def _best(self, fn: Callable[[], object], repeats: int) -> float:
         best = math.inf  # the fastest of a few: a busy machine only adds time
@@ -293,8 +291,12 @@ class Engine:
         logits[torch.tensor(rows, device=self.device), :width] = out[:, :width]
 
     def _fold(self, task: LoadedTask) -> Weights:
+        start = time.perf_counter()
         folded = fold_adapter(self.backbone, _float32(task, self.device), task.adapter.config)
-        return {k: v.to(self.dtype) for k, v in folded.items()}
+        folded = {k: v.to(self.dtype) for k, v in folded.items()}
+        # fold_adapter's finiteness check reads every value back, so the time is complete on CUDA too
+        self.costs.fold = 0.7 * self.costs.fold + 0.3 * (time.perf_counter() - start)  # moving average
+        return folded
 
     def _record(self, kind: BatchKind, items: list[BatchItem], seconds: float) -> None:
         self.metrics.batches.labels(kind).inc()

@@ -63,6 +63,10 @@ class InvalidAdapter(AppError):
     """An uploaded adapter failed validation; the store is unchanged."""
 
 
+class InsufficientMemory(AppError):
+    """The server has no memory left for the request (a server limit, not a client error)."""
+
+
 class Overloaded(AppError):
     """The queue is full; retry later."""
 
@@ -81,6 +85,7 @@ STATUS: dict[type[AppError], int] = {
     Forbidden: 403,
     InvalidAdapter: 422,
     Overloaded: 503,
+    InsufficientMemory: 503,
     NotReady: 503,
 }
 

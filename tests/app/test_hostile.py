@@ -1,0 +1,103 @@
+"""Findings of a hostile black-box test (issue 12): each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.engine import Engine
+from app.main import create_app
+
+AUTH = {"authorization": "Bearer s3cret"}
+PNG = {"content-type": "image/png"}
+
+
+def _files(directory: Path, **edits: object) -> dict[str, tuple[str, bytes]]:
+    config = json.loads((directory / "adapter_config.json").read_text())
+    for key, value in edits.items():
+        target = config
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return {"config": ("adapter_config.json", json.dumps(config).encode()),
+            "weights": ("adapter_model.safetensors", (directory / "adapter_model.safetensors").read_bytes())}
+
+
+def _snapshot(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+# -- 1: a config that fails validation is a 422 and leaves nothing behind ---------------------------
+
+BAD_CONFIGS = {
+    "integer_labels": ({"labels": [1, 2, 3, 4]}, "labels.0"),
+    "metadata_not_object": ({"metadata": "nope"}, "metadata"),
+    "base_model_list": ({"base_model": ["x"]}, "base_model"),
+    "num_classes_bool": ({"num_classes": True}, "num_classes"),
+    "interpolation_nope": ({"data_config__interpolation": "nope"}, "interpolation"),
+    "mean_nope": ({"data_config__mean": "nope"}, "mean"),
+    "crop_pct_tiny": ({"data_config__crop_pct": 1e-6}, "crop_pct"),
+    "rlrr_config_string": ({"rlrr_config": "nope"}, "rlrr_config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_put_invalid_config_is_422_and_stores_nothing(client, store, make_upload, case) -> None:
+    edits, field = BAD_CONFIGS[case]
+    before = _snapshot(store)
+    response = client.put("/tasks/delta", files=_files(make_upload(), **edits), headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert field in response.json()["detail"]
+    assert _snapshot(store) == before
+    assert client.get("/tasks/delta").status_code == 404
+    assert client.get("/tasks").status_code == 200
+
+
+def test_put_integer_labels_is_422_and_stores_nothing(client, store, make_upload) -> None:
+    response = client.put("/tasks/delta", files=_files(make_upload(), labels=[1, 2, 3, 4]), headers=AUTH)
+    assert response.status_code == 422
+    assert "labels" in response.json()["detail"]
+    assert not (store / "delta").exists()
+    assert client.get("/tasks/delta").status_code == 404
+    assert client.post("/classify?task=delta", content=b"x", headers=PNG).status_code == 404
+
+
+def test_stored_integer_labels_are_skipped_at_startup(make_settings, store) -> None:
+    config = json.loads((store / "beta" / "adapter_config.json").read_text())
+    config["labels"] = [0, 1, 2]
+    (store / "beta" / "adapter_config.json").write_text(json.dumps(config))
+    with TestClient(create_app(make_settings())) as client:
+        assert client.get("/tasks").status_code == 200
+        detail = client.get("/tasks/beta").json()
+        assert detail["state"] == "skipped" and "labels" in detail["reason"]
+        assert client.post("/classify?task=beta", content=b"x", headers=PNG).status_code == 404
+
+
+def test_out_of_memory_on_load_is_503_not_422(client, store, make_upload, monkeypatch) -> None:
+    async def oom(self, task):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Engine, "prepare", oom)
+    before = _snapshot(store)
+    response = client.put("/tasks/delta", files=_files(make_upload()), headers=AUTH)
+    assert response.status_code == 503, response.text
+    assert "memory" in response.json()["detail"]
+    assert _snapshot(store) == before
+
+
+def test_engine_bug_on_load_is_500_and_stores_nothing(make_settings, store, make_upload, monkeypatch) -> None:
+    async def bug(self, task):
+        raise RuntimeError("engine bug")
+
+    with TestClient(create_app(make_settings()), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(Engine, "prepare", bug)
+        before = _snapshot(store)
+        response = client.put("/tasks/delta", files=_files(make_upload()), headers=AUTH)
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal error"}
+        assert _snapshot(store) == before

@@ -277,7 +277,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
     if doc.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
-            f"{CONFIG_NAME}: unknown format_version {doc.get('format_version')!r} (this library reads {FORMAT_VERSION})")
+            f"{CONFIG_NAME}: unknown format_version {doc.get('format_version')!r} "
+            f"(this library reads {FORMAT_VERSION})")
     missing = [k for k in _REQUIRED if k not in doc]
     if missing:
         raise AdapterError(f"{CONFIG_NAME} lacks the fields {missing}")

@@ -107,10 +107,22 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=status_of(exc), headers=exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # A bug, not a client error: log the traceback, never leak it.
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The answer to a bug (any exception that is not an `AppError`): logged with its traceback, never leaked.
+
+    Called by the app's outer middleware, so the 500 is counted and the connection stays usable (Starlette's
+    own last-resort handler re-raises, and uvicorn then drops the keep-alive connection).
+
+    Args:
+        request: The request that failed.
+        exc: The exception.
+    """
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected(request, exc)
 
 
 def install_handlers(app: FastAPI) -> None:

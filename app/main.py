@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from app.batcher import Batcher
 from app.engine import BatchItem, Engine, TopK
-from app.errors import install_handlers
+from app.errors import install_handlers, unexpected
 from app.metrics import Metrics
 from app.preprocess import Preprocessor
 from app.registry import Registry
@@ -105,7 +105,10 @@ def _observe_batch(metrics: Metrics, size: int, waits: list[float]) -> None:
 
 async def _record_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     start = time.perf_counter()
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # a bug: answer it here, so it is counted and the connection survives
+        response = unexpected(request, exc)
     route = request.scope.get("route")
     path = getattr(route, "path", "unmatched")  # the template, not the raw path: bounded label values
     metrics: Metrics = request.app.state.metrics

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 
 from app.engine import Engine
 from app.main import create_app
+from app.routes import tasks as tasks_routes
 
 AUTH = {"authorization": "Bearer s3cret"}
 PNG = {"content-type": "image/png"}
@@ -101,3 +110,57 @@ def test_engine_bug_on_load_is_500_and_stores_nothing(make_settings, store, make
         assert response.status_code == 500
         assert response.json() == {"detail": "internal error"}
         assert _snapshot(store) == before
+
+
+# -- 2, 3: an unexpected error is a JSON 500 on a connection that stays usable, and is counted -----
+
+@contextmanager
+def serving(app) -> Iterator[int]:
+    """Run `app` under a real uvicorn on a free port; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _broken_backbone_info(engine):
+    raise RuntimeError("provoked bug")
+
+
+def test_500_keeps_the_keep_alive_connection_usable(make_settings, monkeypatch) -> None:
+    monkeypatch.setattr(tasks_routes, "backbone_info", _broken_backbone_info)
+    with serving(create_app(make_settings(warmup=False))) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/tasks")
+        response = conn.getresponse()
+        assert response.status == 500
+        assert json.loads(response.read()) == {"detail": "internal error"}
+        local = conn.sock.getsockname()
+        for _ in range(3):  # the same socket serves the next requests
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+            assert conn.sock.getsockname() == local
+        conn.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert [client.get(p).status_code for p in ("/tasks", "/healthz", "/tasks", "/readyz")] == [
+                500, 200, 500, 200]
+
+
+def test_500_is_counted_in_requests_total(make_settings, monkeypatch) -> None:
+    monkeypatch.setattr(tasks_routes, "backbone_info", _broken_backbone_info)
+    with TestClient(create_app(make_settings(warmup=False)), raise_server_exceptions=False) as client:
+        assert client.get("/tasks").status_code == 500
+        metrics = client.get("/metrics").text
+        assert 'rlrr_requests_total{route="/tasks",status="500",task=""} 1.0' in metrics

@@ -72,7 +72,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_depth=metrics.queue_depth.set,
     )
     batcher.start()
-    preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels)
+    preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels, settings.max_request_pixels)
     app.state.engine, app.state.registry = engine, registry
     app.state.batcher, app.state.preprocessor = batcher, preprocessor
     app.state.ready = True

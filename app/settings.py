@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /tasks; unset = disabled.")
     max_body_bytes: int = Field(20 * 2**20, ge=1, description="Largest request body.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (width * height).")
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="Most decoded pixels of one request, summed over its images (JPEGs count "
+        "at the reduced size they are decoded at)."
+    )
     max_images: int = Field(16, ge=1, description="Most images in one /classify request.")
 
     # Server (used by `python -m app`)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from app.deps import BatcherDep, EngineDep, PreprocessorDep, RegistryDep, SettingsDep
 from app.engine import BatchItem
 from app.payloads import read_images
+from app.preprocess import scale_size
 from app.registry import NAME_MAX, NAME_PATTERN
 from app.schemas import ClassifyResponse, classify_response
 
@@ -40,7 +41,7 @@ async def classify(
     loaded = registry.get(task)
     request.state.task = task
     images = await read_images(request, settings.max_body_bytes, settings.max_images)
-    tensors = await preprocessor.decode_many(images, loaded.transform)
+    tensors = await preprocessor.decode_many(images, loaded.transform, scale_size(loaded.data_config))
     futures = batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors])
     predictions = await asyncio.gather(*futures)
     return classify_response(loaded, engine.fingerprint, time.perf_counter() - start, predictions)

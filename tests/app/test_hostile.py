@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
 import threading
@@ -12,11 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import uvicorn
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from app import preprocess
 from app.engine import Engine
 from app.main import create_app
 from app.routes import tasks as tasks_routes
@@ -164,3 +168,67 @@ def test_500_is_counted_in_requests_total(make_settings, monkeypatch) -> None:
         assert client.get("/tasks").status_code == 500
         metrics = client.get("/metrics").text
         assert 'rlrr_requests_total{route="/tasks",status="500",task=""} 1.0' in metrics
+
+
+# -- 5, 9, 10: decoding is bounded, says its own limit, and turns images upright --------------------
+
+def _encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def _sizes_seen(data: bytes, min_side: int) -> tuple[int, int]:
+    seen: list[tuple[int, int]] = []
+    preprocess.decode(data, lambda im: seen.append(im.size) or torch.zeros(1), 200_000_000, min_side)
+    return seen[0]
+
+
+def test_large_jpeg_is_decoded_in_draft_mode(client) -> None:
+    data = _encoded(Image.new("RGB", (4000, 3000), (200, 30, 30)), "JPEG")
+    assert _sizes_seen(data, min_side=178) == (500, 375)  # DCT-scaled 1/8 on load, still >= 178 a side
+    assert client.post("/classify?task=alpha", content=data, headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_large_png_is_reduced_before_the_transform() -> None:
+    data = _encoded(Image.new("RGB", (2000, 1800)), "PNG")
+    width, height = _sizes_seen(data, min_side=178)
+    assert min(width, height) >= 2 * 178 and width * height < 2000 * 1800 / 16
+
+
+def test_request_pixel_budget_is_413_with_reason(make_settings, png) -> None:
+    with TestClient(create_app(make_settings(max_request_pixels=2 * 200 * 180))) as client:
+        files = [("file", (f"{i}.png", png(i), "image/png")) for i in range(3)]
+        response = client.post("/classify?task=alpha", files=files)
+        assert response.status_code == 413
+        assert "108000 pixels" in response.json()["detail"] and "72000" in response.json()["detail"]
+        assert client.post("/classify?task=alpha", files=files[:2]).status_code == 200
+
+
+def test_memory_is_given_back_after_a_large_decode(client, png, monkeypatch) -> None:
+    trims: list[bool] = []
+    monkeypatch.setattr(preprocess, "_trim_heap", lambda: trims.append(True))
+    monkeypatch.setattr(preprocess, "TRIM_ABOVE_PIXELS", 200 * 180 - 1)
+    assert client.post("/classify?task=alpha", content=png(0, size=(100, 100)), headers=PNG).status_code == 200
+    assert trims == []
+    assert client.post("/classify?task=alpha", content=png(0), headers=PNG).status_code == 200
+    assert trims == [True]
+
+
+def test_image_over_pillow_bomb_limit_names_the_configured_limit(client) -> None:
+    # 14000 x 13000 = 182 Mpx: over twice Pillow's own limit, so Image.open itself refuses it.
+    data = _encoded(Image.new("1", (14000, 13000)), "PNG")
+    response = client.post("/classify?task=alpha", content=data, headers=PNG)
+    assert response.status_code == 413
+    assert "40000000" in response.json()["detail"] and "DOS" not in response.json()["detail"]
+
+
+def test_exif_orientation_is_applied_before_preprocessing() -> None:
+    image = Image.new("RGB", (40, 20))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 90 degrees counter-clockwise: displayed rotated clockwise
+    data = _encoded(image, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = preprocess.decode(data, lambda im: torch.from_numpy(np.array(im)), 1_000_000)
+    assert tuple(upright.shape) == (40, 20, 3)
+    assert upright[5, 10, 0] > 200 and upright[35, 10, 0] < 50  # red on top once upright

@@ -40,7 +40,9 @@ async def classify(
     start = time.perf_counter()
     loaded = registry.get(task)
     request.state.task = task
+    batcher.check_room(1)  # shed load before reading and decoding anything
     images = await read_images(request, settings.max_body_bytes, settings.max_images)
+    batcher.check_room(len(images))
     tensors = await preprocessor.decode_many(images, loaded.transform, scale_size(loaded.data_config))
     futures = batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors])
     predictions = await asyncio.gather(*futures)

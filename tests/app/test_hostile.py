@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app import preprocess
+from app.batcher import Batcher
 from app.engine import Engine
 from app.main import create_app
 from app.routes import tasks as tasks_routes
@@ -232,3 +233,25 @@ def test_exif_orientation_is_applied_before_preprocessing() -> None:
     upright = preprocess.decode(data, lambda im: torch.from_numpy(np.array(im)), 1_000_000)
     assert tuple(upright.shape) == (40, 20, 3)
     assert upright[5, 10, 0] > 200 and upright[35, 10, 0] < 50  # red on top once upright
+
+
+# -- 6: load shedding comes before any work; a request that can never fit is not a 503 -------------
+
+def test_request_over_queue_size_is_413_not_503_even_when_idle(make_settings, png) -> None:
+    with TestClient(create_app(make_settings(queue_size=8))) as client:
+        files = [("file", (f"{i}.png", png(i, size=(40, 40)), "image/png")) for i in range(9)]
+        response = client.post("/classify?task=alpha", files=files)
+        assert response.status_code == 413
+        assert "retry-after" not in response.headers
+        assert "at most 8" in response.json()["detail"]
+        assert client.post("/classify?task=alpha", files=files[:8]).status_code == 200
+
+
+def test_full_queue_is_503_before_decoding(client, png, monkeypatch) -> None:
+    decoded: list[object] = []
+    monkeypatch.setattr(preprocess, "open_image", lambda *args: decoded.append(args))
+    monkeypatch.setattr(Batcher, "depth", property(lambda self: self.max_queue))
+    response = client.post("/classify?task=alpha", content=png(0), headers=PNG)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert decoded == []

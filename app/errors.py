@@ -51,6 +51,14 @@ class BadRequest(AppError):
     """Malformed request (e.g. broken multipart, no image)."""
 
 
+class RequestTimeout(AppError):
+    """The body did not arrive within the read deadline (the connection is closed after the answer)."""
+
+
+class ClientDisconnected(AppError):
+    """The client went away before its body arrived; nobody reads the answer (nginx's 499)."""
+
+
 class Unauthorized(AppError):
     """Admin call without a bearer token."""
 
@@ -79,6 +87,8 @@ STATUS: dict[type[AppError], int] = {
     UnknownTask: 404,
     InvalidImage: 400,
     BadRequest: 400,
+    RequestTimeout: 408,
+    ClientDisconnected: 499,
     UnsupportedMediaType: 415,
     PayloadTooLarge: 413,
     Unauthorized: 401,

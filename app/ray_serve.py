@@ -249,7 +249,8 @@ class Ingress:
             top_k: Classes per image.
         """
         start = time.perf_counter()
-        images = await read_images(request, self.settings.max_body_bytes, self.settings.max_images)
+        images = await read_images(request, self.settings.max_body_bytes, self.settings.max_images,
+                                   self.settings.body_timeout_s)
         call = self.classifier.options(multiplexed_model_id=task).classify.remote(task, images, top_k)
         reply: Reply = await _unwrap(call)
         self.counts[reply.replica][task] += 1

@@ -41,7 +41,7 @@ async def classify(
     loaded = registry.get(task)
     request.state.task = task
     batcher.check_room(1)  # shed load before reading and decoding anything
-    images = await read_images(request, settings.max_body_bytes, settings.max_images)
+    images = await read_images(request, settings.max_body_bytes, settings.max_images, settings.body_timeout_s)
     batcher.check_room(len(images))
     tensors = await preprocessor.decode_many(images, loaded.transform, scale_size(loaded.data_config))
     futures = batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors])

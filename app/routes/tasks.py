@@ -38,7 +38,7 @@ async def show_task(name: TaskName, registry: RegistryDep) -> TaskDetail:
 @router.put("/{name}", response_model=TaskDetail, dependencies=[AdminDep], openapi_extra=_UPLOAD)
 async def upload_task(name: TaskName, request: Request, registry: RegistryDep, settings: SettingsDep) -> TaskDetail:
     """Validate an adapter (multipart `config` + `weights`), store it atomically, serve it now."""
-    config, weights = adapter_files(await read_files(request, settings.max_body_bytes))
+    config, weights = adapter_files(await read_files(request, settings.max_body_bytes, settings.body_timeout_s))
     return task_detail(await registry.install(name, config, weights))
 
 

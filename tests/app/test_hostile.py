@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -124,7 +125,7 @@ def serving(app) -> Iterator[int]:
     """Run `app` under a real uvicorn on a free port; yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -255,3 +256,53 @@ def test_full_queue_is_503_before_decoding(client, png, monkeypatch) -> None:
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert decoded == []
+
+
+# -- 7: a stalled body gets 408 and a closed connection; an aborted one logs one warning -------------
+
+def _raw_request(port: int, head: str, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/classify?task=alpha"), ("PUT", "/tasks/delta")])
+def test_stalled_body_is_408_and_the_connection_closed(make_settings, method, path) -> None:
+    kind = "image/png" if method == "POST" else "multipart/form-data; boundary=xyz"
+    with serving(create_app(make_settings(warmup=False, body_timeout_s=0.5))) as port:
+        start = time.monotonic()
+        sock = _raw_request(port, f"{method} {path} HTTP/1.1\nHost: x\nAuthorization: Bearer s3cret\n"
+                                  f"Content-Type: {kind}\nContent-Length: 1000\n", b"0123456789")
+        answer = _read_all(sock)  # returns once the server closes the connection
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"connection: close" in answer.lower()
+        assert b"not received within 0.5 s (10 bytes arrived)" in answer
+        assert time.monotonic() - start < 5
+
+
+def test_aborted_upload_logs_one_warning_without_traceback(make_settings, caplog) -> None:
+    with serving(create_app(make_settings(warmup=False))) as port:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            sock = _raw_request(port, "PUT /tasks/delta HTTP/1.1\nHost: x\nAuthorization: Bearer s3cret\n"
+                                      "Content-Type: multipart/form-data; boundary=xyz\nContent-Length: 100000\n",
+                                b"--xyz\r\n" + b"x" * 1000)
+            time.sleep(0.3)
+            sock.close()
+            deadline = time.monotonic() + 5
+            while not [r for r in caplog.records if r.levelno >= logging.WARNING]:
+                assert time.monotonic() < deadline, "nothing logged about the aborted upload"
+                time.sleep(0.05)
+            time.sleep(0.3)
+    problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(problems) == 1, [r.getMessage() for r in problems]
+    assert problems[0].levelno == logging.WARNING and problems[0].exc_info is None
+    assert "disconnected" in problems[0].getMessage() and "PUT /tasks/delta" in problems[0].getMessage()

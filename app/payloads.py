@@ -11,8 +11,14 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from app.errors import (BadRequest, ClientDisconnected, InvalidAdapter, PayloadTooLarge, RequestTimeout,
-                        UnsupportedMediaType)
+from app.errors import (
+    BadRequest,
+    ClientDisconnected,
+    InvalidAdapter,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger("app")
 

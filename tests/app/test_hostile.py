@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -306,3 +308,27 @@ def test_aborted_upload_logs_one_warning_without_traceback(make_settings, caplog
     assert len(problems) == 1, [r.getMessage() for r in problems]
     assert problems[0].levelno == logging.WARNING and problems[0].exc_info is None
     assert "disconnected" in problems[0].getMessage() and "PUT /tasks/delta" in problems[0].getMessage()
+
+
+# -- 8: no server path in any answer -----------------------------------------------------------------
+
+def test_refusal_reasons_name_no_server_paths(make_settings, store, make_upload) -> None:
+    (store / "broken").mkdir()
+    (store / "broken" / "adapter_config.json").write_text("{not json")
+    shutil.copytree(store / "alpha", store / "noweights")
+    (store / "noweights" / "adapter_model.safetensors").unlink()
+    shutil.copytree(store / "alpha", store / "nofields")
+    (store / "nofields" / "adapter_config.json").write_text("{}")
+    junk = b"\x00" * 64
+    upload = _files(make_upload(), weights_sha256=hashlib.sha256(junk).hexdigest())
+    upload["weights"] = ("adapter_model.safetensors", junk)
+    with TestClient(create_app(make_settings())) as client:
+        listing = client.get("/tasks").text
+        put = client.put("/tasks/delta", files=upload, headers=AUTH)
+        assert put.status_code == 422
+        reasons = {t["name"]: t["reason"] for t in client.get("/tasks").json()["tasks"] if t["state"] == "skipped"}
+    assert set(reasons) == {"broken", "noweights", "nofields"}
+    for text in (listing, put.text, *reasons.values()):
+        assert str(store) not in text and str(store.parent) not in text and ".upload-" not in text, text
+    assert "adapter_model.safetensors is missing" in reasons["noweights"]
+    assert "delta" in put.json()["detail"]

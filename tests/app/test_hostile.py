@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app import preprocess
+from app import registry as registry_module
 from app.batcher import Batcher
 from app.engine import Engine
 from app.main import create_app
@@ -332,3 +333,25 @@ def test_refusal_reasons_name_no_server_paths(make_settings, store, make_upload)
         assert str(store) not in text and str(store.parent) not in text and ".upload-" not in text, text
     assert "adapter_model.safetensors is missing" in reasons["noweights"]
     assert "delta" in put.json()["detail"]
+
+
+# -- 9: no bare or empty reasons ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("error,expected", [(KeyError("nope"), "missing or unknown key 'nope'"),
+                                            (ValueError(), "ValueError while reading it")])
+def test_bare_and_empty_errors_get_a_reason(client, make_upload, monkeypatch, error, expected) -> None:
+    def fail(config):
+        raise error
+
+    monkeypatch.setattr(registry_module, "make_transform", fail)
+    response = client.put("/tasks/delta", files=_files(make_upload()), headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["detail"] == f"adapter 'delta' refused: {expected}"
+
+
+@pytest.mark.parametrize("edits,expected", [({"data_config__interpolation": "nope"}, "interpolation"),
+                                            ({"data_config__mean": "nope"}, "mean")])
+def test_config_values_timm_rejects_are_named(client, make_upload, edits, expected) -> None:
+    detail = client.put("/tasks/delta", files=_files(make_upload(), **edits), headers=AUTH).json()["detail"]
+    assert not detail.endswith(("refused: ", "refused: 'nope'"))
+    assert f"data_config.{expected}" in detail

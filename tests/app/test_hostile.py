@@ -355,3 +355,16 @@ def test_config_values_timm_rejects_are_named(client, make_upload, edits, expect
     detail = client.put("/tasks/delta", files=_files(make_upload(), **edits), headers=AUTH).json()["detail"]
     assert not detail.endswith(("refused: ", "refused: 'nope'"))
     assert f"data_config.{expected}" in detail
+
+
+# -- 11: base_model must name the served backbone ----------------------------------------------------
+
+def test_upload_for_another_base_model_is_refused_with_reason(client, store, make_upload) -> None:
+    before = _snapshot(store)
+    response = client.put("/tasks/delta", files=_files(make_upload(), base_model="vit_base_patch16_224"),
+                          headers=AUTH)
+    assert response.status_code == 422
+    assert "base_model 'vit_base_patch16_224'" in response.json()["detail"] and "'test_vit'" in response.json()["detail"]
+    assert _snapshot(store) == before
+    tagged = client.put("/tasks/delta", files=_files(make_upload(), base_model="test_vit.r160_in1k"), headers=AUTH)
+    assert tagged.status_code == 200  # the same model, named with its pretrained tag

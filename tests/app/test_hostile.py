@@ -364,7 +364,8 @@ def test_upload_for_another_base_model_is_refused_with_reason(client, store, mak
     response = client.put("/tasks/delta", files=_files(make_upload(), base_model="vit_base_patch16_224"),
                           headers=AUTH)
     assert response.status_code == 422
-    assert "base_model 'vit_base_patch16_224'" in response.json()["detail"] and "'test_vit'" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert "base_model 'vit_base_patch16_224'" in detail and "'test_vit'" in detail
     assert _snapshot(store) == before
     tagged = client.put("/tasks/delta", files=_files(make_upload(), base_model="test_vit.r160_in1k"), headers=AUTH)
     assert tagged.status_code == 200  # the same model, named with its pretrained tag

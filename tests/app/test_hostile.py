@@ -369,3 +369,32 @@ def test_upload_for_another_base_model_is_refused_with_reason(client, store, mak
     assert _snapshot(store) == before
     tagged = client.put("/tasks/delta", files=_files(make_upload(), base_model="test_vit.r160_in1k"), headers=AUTH)
     assert tagged.status_code == 200  # the same model, named with its pretrained tag
+
+
+# -- 12: leftovers of a crash are removed at start-up; symlinked tasks leave no trash ----------------
+
+def test_startup_removes_leftover_upload_folders(make_settings, store, caplog) -> None:
+    for leftover in (".upload-delta-k2j4", ".alpha.old-123-4", ".beta.deleted-5-6"):
+        (store / leftover).mkdir()
+        (store / leftover / "adapter_model.safetensors").write_bytes(b"partial")
+    (store / ".keep").mkdir()  # not ours: stays
+    with caplog.at_level(logging.WARNING, logger="app"):
+        with TestClient(create_app(make_settings())) as client:
+            assert {t["name"] for t in client.get("/tasks").json()["tasks"]} == {"alpha", "beta", "gamma"}
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith(".")) == [".keep"]
+    removed = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
+    assert len(removed) == 3 and any(".upload-delta-k2j4" in m for m in removed)
+
+
+def test_deleting_or_replacing_a_symlinked_task_leaves_no_link_behind(make_settings, store, tmp_path,
+                                                                       make_upload) -> None:
+    for name in ("alpha", "beta"):
+        shutil.move(store / name, tmp_path / f"outside-{name}")
+        (store / name).symlink_to(tmp_path / f"outside-{name}", target_is_directory=True)
+    with TestClient(create_app(make_settings())) as linked:
+        assert linked.get("/tasks/alpha").json()["state"] == "loaded"
+        assert linked.delete("/tasks/alpha", headers=AUTH).status_code == 204
+        assert linked.put("/tasks/beta", files=_files(make_upload()), headers=AUTH).status_code == 200
+    assert [p.name for p in store.iterdir() if p.name.startswith(".")] == []
+    assert not (store / "alpha").exists() and not (store / "beta").is_symlink()
+    assert (tmp_path / "outside-alpha" / "adapter_config.json").is_file()  # the link's target is not ours

@@ -378,9 +378,8 @@ def test_startup_removes_leftover_upload_folders(make_settings, store, caplog) -
         (store / leftover).mkdir()
         (store / leftover / "adapter_model.safetensors").write_bytes(b"partial")
     (store / ".keep").mkdir()  # not ours: stays
-    with caplog.at_level(logging.WARNING, logger="app"):
-        with TestClient(create_app(make_settings())) as client:
-            assert {t["name"] for t in client.get("/tasks").json()["tasks"]} == {"alpha", "beta", "gamma"}
+    with caplog.at_level(logging.WARNING, logger="app"), TestClient(create_app(make_settings())) as client:
+        assert {t["name"] for t in client.get("/tasks").json()["tasks"]} == {"alpha", "beta", "gamma"}
     assert sorted(p.name for p in store.iterdir() if p.name.startswith(".")) == [".keep"]
     removed = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
     assert len(removed) == 3 and any(".upload-delta-k2j4" in m for m in removed)

@@ -18,8 +18,9 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
 from app.batcher import Batcher
+from app.docs import install_docs
 from app.engine import BatchItem, Engine, TopK
-from app.errors import install_handlers, unexpected
+from app.errors import error_responses, install_handlers, unexpected
 from app.metrics import Metrics
 from app.preprocess import Preprocessor
 from app.registry import Registry
@@ -43,9 +44,14 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         summary="One frozen ViT, many RLRR task adapters.",
         version="0.1.0",
         lifespan=_lifespan,
+        responses=error_responses(500),
+        redirect_slashes=False,  # a redirect would echo the client's Host header back
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     install_handlers(app)
+    install_docs(app)
     app.middleware("http")(_record_request)
     for module in (classify, tasks, health):
         app.include_router(module.router)

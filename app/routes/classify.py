@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.deps import BatcherDep, EngineDep, PreprocessorDep, RegistryDep, SettingsDep
 from app.engine import BatchItem
+from app.errors import error_responses
 from app.payloads import read_images
 from app.preprocess import scale_size
 from app.registry import NAME_MAX, NAME_PATTERN
@@ -25,7 +26,8 @@ _BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY)
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY,
+             responses=error_responses(400, 404, 408, 413, 415, 422, 503))
 async def classify(
     request: Request,
     task: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Task name.")],

@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import logging
+import re
 import shutil
 import socket
 import threading
@@ -397,3 +398,49 @@ def test_deleting_or_replacing_a_symlinked_task_leaves_no_link_behind(make_setti
     assert [p.name for p in store.iterdir() if p.name.startswith(".")] == []
     assert not (store / "alpha").exists() and not (store / "beta").is_symlink()
     assert (tmp_path / "outside-alpha" / "adapter_config.json").is_file()  # the link's target is not ours
+
+
+# -- 13: the OpenAPI document says what the server does; /docs works offline ------------------------
+
+def test_openapi_declares_statuses_and_the_bearer_scheme(client) -> None:
+    spec = client.get("/openapi.json").json()
+    put = spec["paths"]["/tasks/{name}"]["put"]
+    assert {"200", "401", "403", "413", "415", "422", "500"} <= set(put["responses"])
+    assert put["security"] == [{"admin": []}] and "security" not in spec["paths"]["/tasks/{name}"]["get"]
+    assert spec["components"]["securitySchemes"]["admin"] == {"type": "http", "scheme": "bearer",
+                                                               "description": "RLRR_ADMIN_TOKEN"}
+    assert {"400", "404", "413", "415", "422", "503"} <= set(spec["paths"]["/classify"]["post"]["responses"])
+    error = spec["components"]["schemas"]["ErrorResponse"]
+    assert error["properties"]["detail"]["type"] == "string"
+    assert put["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+@pytest.mark.parametrize("path", ["/tasks/Bad_Name", "/classify?task=alpha&top_k=0"])
+def test_every_422_sends_detail_as_a_string(client, path) -> None:
+    response = client.put(path, headers=AUTH) if path.startswith("/tasks") else client.post(path, headers=PNG)
+    assert response.status_code == 422
+    assert isinstance(response.json()["detail"], str) and response.json()["errors"]
+
+
+def test_405_lists_every_allowed_method(client) -> None:
+    response = client.post("/tasks/alpha")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, PUT, DELETE"
+    assert client.get("/classify").headers["allow"] == "POST"
+
+
+def test_trailing_slash_is_not_redirected_to_the_clients_host(client) -> None:
+    response = client.get("/tasks/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 404 and "location" not in response.headers
+
+
+def test_docs_load_without_a_cdn(client) -> None:
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "http://" not in html and "https://" not in html, html
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets
+        for asset in assets:
+            response = client.get(f"/{asset}")
+            assert response.status_code == 200 and len(response.content) > 1000, asset

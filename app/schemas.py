@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -126,7 +127,18 @@ def task_detail(task: LoadedTask) -> TaskDetail:
     """
     a = task.adapter
     return TaskDetail(**task_info(task).model_dump(), labels=a.labels, config=a.config.to_dict(),
-                      data_config=task.data_config, metadata=a.metadata)
+                      data_config=task.data_config, metadata=_no_paths(a.metadata))
+
+
+def _no_paths(value: Any) -> Any:
+    # The trainer records e.g. its --checkpoint; an unauthenticated GET shows the file name, not where it lives.
+    if isinstance(value, dict):
+        return {k: _no_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_paths(v) for v in value]
+    if isinstance(value, str) and (PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()):
+        return PureWindowsPath(value).name if "\\" in value else PurePosixPath(value).name
+    return value
 
 
 def classify_response(task: LoadedTask, fingerprint: str, seconds: float,

@@ -444,3 +444,13 @@ def test_docs_load_without_a_cdn(client) -> None:
         for asset in assets:
             response = client.get(f"/{asset}")
             assert response.status_code == 200 and len(response.content) > 1000, asset
+
+
+def test_task_detail_shows_no_absolute_paths_from_metadata(make_settings, store) -> None:
+    config = json.loads((store / "beta" / "adapter_config.json").read_text())
+    config["metadata"]["backbone"] = {"checkpoint": "/srv/secret/weights/vit.safetensors", "name": "test_vit"}
+    (store / "beta" / "adapter_config.json").write_text(json.dumps(config))
+    with TestClient(create_app(make_settings())) as client:
+        detail = client.get("/tasks/beta")
+    assert "/srv/secret" not in detail.text
+    assert detail.json()["metadata"]["backbone"] == {"checkpoint": "vit.safetensors", "name": "test_vit"}

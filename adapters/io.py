@@ -14,10 +14,11 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -26,8 +27,8 @@ from .config import RLRRConfig
 from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint
 from .packed import PackedTensors
 
-__all__ = ["Adapter", "AdapterError", "save_adapter", "load_adapter", "check_backbone_spec", "FORMAT_VERSION",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["Adapter", "AdapterError", "AdapterConfigFile", "DataConfigFile", "save_adapter", "load_adapter",
+           "same_model", "check_backbone_spec", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 FORMAT_VERSION = 1
 METHOD = "rlrr"
@@ -39,6 +40,67 @@ _REQUIRED = ("format_version", "method", "rlrr_config", "base_model", "backbone_
 
 class AdapterError(ValueError):
     """An adapter that cannot be used; the message says exactly why."""
+
+
+_HEX64 = r"^[0-9a-f]{64}$"
+_Positive = Field(gt=0)
+
+
+class DataConfigFile(BaseModel):
+    """The `data_config` of adapter_config.json: timm's eval preprocessing, every field optional."""
+
+    model_config = ConfigDict(extra="ignore")  # resolve_data_config ignores unknown keys too
+
+    input_size: tuple[StrictInt, StrictInt, StrictInt] | None = Field(None, description="(C, H, W).")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"] | None = None
+    mean: list[float] | None = Field(None, min_length=1, max_length=3, description="Per-channel mean.")
+    std: list[float] | None = Field(None, min_length=1, max_length=3, description="Per-channel std, > 0.")
+    # A tiny crop_pct would resize every image to (size / crop_pct) pixels a side before cropping.
+    crop_pct: float | None = Field(None, ge=0.1, le=1.0, description="Center-crop fraction.")
+    crop_mode: Literal["center", "squash", "border"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfigFile:
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ValueError(f"input_size must be positive, got {list(self.input_size)}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
+
+
+class AdapterConfigFile(BaseModel):
+    """The format rules of adapter_config.json (format_version 1); extra fields pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: StrictInt
+    method: StrictStr
+    rlrr_config: dict[str, Any]
+    base_model: StrictStr = Field(min_length=1, max_length=256, description="timm name of the backbone.")
+    backbone_fingerprint: StrictStr = Field(pattern=_HEX64, description="sha256 of the frozen weights.")
+    num_classes: StrictInt = Field(ge=1, le=1_000_000)
+    labels: list[StrictStr] = Field(description="One class name per class.")
+    weights_sha256: StrictStr = Field(pattern=_HEX64)
+    data_config: DataConfigFile = Field(default_factory=DataConfigFile)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _labels_match(self) -> AdapterConfigFile:
+        if len(self.labels) != self.num_classes:
+            raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
+        return self
+
+
+def explain(error: ValidationError, limit: int = 5) -> str:
+    """One line naming each invalid field of a pydantic error (never the whole input).
+
+    Args:
+        error: The validation error.
+        limit: Most problems named.
+    """
+    problems = [f"{'.'.join(str(x) for x in e['loc']) or 'document'}: {e['msg']}" for e in error.errors()]
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
 
 
 @dataclass
@@ -242,26 +304,44 @@ def check_backbone_spec(adapter: BackboneSpec, backbone: BackboneSpec, where: st
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
+    # Messages name files, never the folder: a server passes them on to its clients.
     if not directory.is_dir():
-        raise AdapterError(f"no adapter at {directory}: not a directory")
+        raise AdapterError(f"no adapter at {directory.name!r}: not a directory")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise AdapterError(f"{path} is missing")
+        raise AdapterError(f"{CONFIG_NAME} is missing")
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON: {e}") from None
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise AdapterError(f"{path} must hold a JSON object")
+        raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
     if doc.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
-            f"{path}: unknown format_version {doc.get('format_version')!r} (this library reads {FORMAT_VERSION})")
+            f"{CONFIG_NAME}: unknown format_version {doc.get('format_version')!r} "
+            f"(this library reads {FORMAT_VERSION})")
     missing = [k for k in _REQUIRED if k not in doc]
     if missing:
-        raise AdapterError(f"{path} lacks the fields {missing}")
+        raise AdapterError(f"{CONFIG_NAME} lacks the fields {missing}")
     if doc["method"] != METHOD:
-        raise AdapterError(f"{path}: method {doc['method']!r} is not {METHOD!r}")
+        raise AdapterError(f"{CONFIG_NAME}: method {doc['method']!r} is not {METHOD!r}")
+    try:
+        AdapterConfigFile.model_validate(doc)
+    except ValidationError as e:
+        raise AdapterError(f"{CONFIG_NAME} is invalid: {explain(e)}") from None
     return doc
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two timm names denote the same model: same architecture, and same tag when both have one.
+
+    Args:
+        a: A timm name, e.g. `vit_base_patch16_224.augreg_in21k`.
+        b: Another.
+    """
+    arch_a, _, tag_a = a.partition(".")
+    arch_b, _, tag_b = b.partition(".")
+    return arch_a == arch_b and (not tag_a or not tag_b or tag_a == tag_b)
 
 
 def load_adapter(
@@ -269,6 +349,7 @@ def load_adapter(
         backbone: nn.Module | None = None,
         fingerprint: str | None = None,
         backbone_spec: BackboneSpec | None = None,
+        base_model: str | None = None,
 ) -> Adapter:
     """Read and validate an adapter folder.
 
@@ -280,6 +361,8 @@ def load_adapter(
         backbone_spec: The backbone's spec; default `backbone.backbone_spec` (set by `build_backbone`).
             When known, the adapter's recorded spec must have the same `model_kwargs` (checked first:
             it names the cause that a fingerprint mismatch would only hint at).
+        base_model: timm name of the served backbone; the adapter's `base_model` must name the
+            same model (architecture, and pretrained tag when both give one).
 
     Raises:
         AdapterError: Missing or corrupt files, unknown format version, another backbone (other
@@ -290,37 +373,38 @@ def load_adapter(
     try:
         config = RLRRConfig.from_dict(doc["rlrr_config"])
     except (TypeError, ValueError) as e:
-        raise AdapterError(f"{directory / CONFIG_NAME}: invalid rlrr_config: {e}") from None
+        raise AdapterError(f"{CONFIG_NAME}: invalid rlrr_config: {e}") from None
     try:
         spec = (BackboneSpec.from_dict(doc["backbone_spec"]) if "backbone_spec" in doc
                 else _derived_spec(doc["base_model"], doc.get("metadata") or {}))
     except (TypeError, ValueError, AttributeError) as e:
-        raise AdapterError(f"{directory / CONFIG_NAME}: invalid backbone_spec: {e}") from None
+        raise AdapterError(f"{CONFIG_NAME}: invalid backbone_spec: {e}") from None
     if backbone_spec is None and backbone is not None:
         backbone_spec = getattr(backbone, "backbone_spec", None)
     if backbone_spec is not None:
         check_backbone_spec(spec, backbone_spec, directory.name)
     num_classes = doc["num_classes"]
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise AdapterError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if base_model is not None and not same_model(doc["base_model"], base_model):
+        raise AdapterError(f"adapter was trained for base_model '{doc['base_model']}', but this backbone is "
+                           f"'{base_model}'")
     if backbone is not None or fingerprint is not None:
         expected = fingerprint or backbone_fingerprint(backbone)
         if doc["backbone_fingerprint"] != expected:
             raise AdapterError(
-                f"adapter {directory.name} was trained on backbone '{doc['base_model']}' with fingerprint "
+                f"adapter was trained on backbone '{doc['base_model']}' with fingerprint "
                 f"{str(doc['backbone_fingerprint'])[:12]}…, but the given backbone's is {expected[:12]}…")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
-        raise AdapterError(f"{weights} is missing")
+        raise AdapterError(f"{WEIGHTS_NAME} is missing")
     if _sha256(weights) != doc["weights_sha256"]:
-        raise AdapterError(f"{weights} does not match the checksum in {CONFIG_NAME} (corrupt or truncated)")
+        raise AdapterError(f"{WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME} (corrupt or truncated)")
     try:
         tensors = PackedTensors.load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+        raise AdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {_no_path(str(e), weights)}") from None
     _check_tensors(tensors, num_classes, list(doc["labels"]))
     if backbone is not None:
-        _check_shapes(tensors, adapter_shapes(backbone, config, num_classes), directory)
+        _check_shapes(tensors, adapter_shapes(backbone, config, num_classes))
     return Adapter(
         config=config, tensors=tensors, num_classes=num_classes, labels=list(doc["labels"]),
         base_model=doc["base_model"], fingerprint=doc["backbone_fingerprint"],
@@ -330,7 +414,11 @@ def load_adapter(
     )
 
 
-def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+def _no_path(message: str, path: Path) -> str:
+    return message.replace(str(path), path.name).replace(str(path.parent), ".")
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))
     wrong = [f"{k}: {tuple(tensors[k].shape)} != {shapes[k]}" for k in shapes
@@ -343,5 +431,5 @@ def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     if wrong:
         problems.append(f"wrong shapes {wrong[:5]}")
     if problems:
-        raise AdapterError(f"adapter {where.name} does not fit this backbone: " + "; ".join(problems))
+        raise AdapterError("adapter does not fit this backbone: " + "; ".join(problems))
 

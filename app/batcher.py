@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from app.errors import NotReady, Overloaded
+from app.errors import NotReady, Overloaded, PayloadTooLarge
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -94,16 +94,27 @@ class Batcher(Generic[T, R]):
                 pending.future.set_exception(BatcherClosed("service is shutting down"))
         self._on_depth(0)
 
+    def check_room(self, count: int) -> None:
+        """Refuse now what `submit_many` would refuse, before a caller spends work on the items.
+
+        Args:
+            count: Items about to be submitted.
+        """
+        if self._closed:
+            raise BatcherClosed("service is shutting down")
+        if count > self.max_queue:  # no retry can help: say so instead of 503
+            raise PayloadTooLarge(f"{count} images in one request can never fit: the queue holds at most "
+                                  f"{self.max_queue} (RLRR_QUEUE_SIZE); send at most {self.max_queue} per request")
+        if self.depth + count > self.max_queue:
+            raise QueueFull(f"queue full ({self.depth}/{self.max_queue} images waiting)")
+
     def submit_many(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
         """Queue items all-or-nothing; returns one future per item.
 
         Args:
             items: The items, e.g. the images of one request.
         """
-        if self._closed:
-            raise BatcherClosed("service is shutting down")
-        if len(self._queue) + len(items) > self.max_queue:
-            raise QueueFull(f"queue full ({len(self._queue)}/{self.max_queue} images waiting)")
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[R]] = []
         for item in items:

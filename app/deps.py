@@ -6,6 +6,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.batcher import Batcher
 from app.engine import BatchItem, Engine, TopK
@@ -40,19 +41,26 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+# Declares the scheme in OpenAPI; the checks (and their 401/403 answers) are ours, below.
+bearer = HTTPBearer(auto_error=False, scheme_name="admin", description="RLRR_ADMIN_TOKEN")
+
+
+def require_admin(
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
     """Admin calls need `Authorization: Bearer <RLRR_ADMIN_TOKEN>`; none are allowed without a token set.
 
     Args:
-        request: The request.
         settings: The app settings.
+        credentials: The bearer token, when the request has one.
     """
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         raise Forbidden("admin API disabled: no RLRR_ADMIN_TOKEN configured")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("admin call needs 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(token.strip().encode(), settings.admin_token.get_secret_value().encode()):
+    if not secrets.compare_digest(credentials.credentials.strip().encode(),
+                                  settings.admin_token.get_secret_value().encode()):
         raise Forbidden("wrong admin token")
 
 

@@ -18,8 +18,9 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
 from app.batcher import Batcher
+from app.docs import install_docs
 from app.engine import BatchItem, Engine, TopK
-from app.errors import install_handlers
+from app.errors import error_responses, install_handlers, unexpected
 from app.metrics import Metrics
 from app.preprocess import Preprocessor
 from app.registry import Registry
@@ -43,9 +44,14 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         summary="One frozen ViT, many RLRR task adapters.",
         version="0.1.0",
         lifespan=_lifespan,
+        responses=error_responses(500),
+        redirect_slashes=False,  # a redirect would echo the client's Host header back
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     install_handlers(app)
+    install_docs(app)
     app.middleware("http")(_record_request)
     for module in (classify, tasks, health, v2, page):
         app.include_router(module.router)
@@ -72,7 +78,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_depth=metrics.queue_depth.set,
     )
     batcher.start()
-    preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels)
+    preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels, settings.max_request_pixels)
     app.state.engine, app.state.registry = engine, registry
     app.state.batcher, app.state.preprocessor = batcher, preprocessor
     app.state.ready = True
@@ -105,7 +111,10 @@ def _observe_batch(metrics: Metrics, size: int, waits: list[float]) -> None:
 
 async def _record_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     start = time.perf_counter()
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception as exc:  # a bug: answer it here, so it is counted and the connection survives
+        response = unexpected(request, exc)
     route = request.scope.get("route")
     path = getattr(route, "path", "unmatched")  # the template, not the raw path: bounded label values
     metrics: Metrics = request.app.state.metrics

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from app.errors import BadRequest, InvalidAdapter, PayloadTooLarge, UnsupportedMediaType
+from app.errors import (
+    BadRequest,
+    ClientDisconnected,
+    InvalidAdapter,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("app")
 
 RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 Part = tuple[str, str | None, bytes]  # (field name, file name, contents)
@@ -23,35 +35,53 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The whole body, refusing it as soon as it passes `limit` bytes (never buffers more).
 
     Args:
         request: The request.
         limit: Largest body accepted.
+        timeout_s: The whole body must arrive within this many seconds (408 otherwise); None: no deadline.
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    chunks, size, stream = [], 0, request.stream()
+    try:
+        while True:
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), left)
+            except StopAsyncIteration:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout_s:g} s ({size} bytes arrived)",
+                             headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        # Routine on a flaky network: one line, no traceback.
+        log.warning("client disconnected during the body of %s %s after %d bytes",
+                    request.method, request.url.path, size)
+        raise ClientDisconnected("client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
-async def read_files(request: Request, limit: int) -> list[Part]:
+async def read_files(request: Request, limit: int, timeout_s: float | None = None) -> list[Part]:
     """The file parts of a bounded multipart/form-data body.
 
     Args:
         request: The request (must be multipart/form-data).
         limit: Largest body accepted.
+        timeout_s: Read deadline of the body (see `read_body`).
     """
     if media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType(f"expected multipart/form-data, got {media_type(request) or 'no content type'!r}")
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, timeout_s)
     parser = MultiPartParser(request.headers, _once(body))
     try:
         form = await parser.parse()
@@ -67,21 +97,23 @@ async def read_files(request: Request, limit: int) -> list[Part]:
     return parts
 
 
-async def read_images(request: Request, max_bytes: int, max_images: int) -> list[bytes]:
+async def read_images(request: Request, max_bytes: int, max_images: int,
+                      timeout_s: float | None = None) -> list[bytes]:
     """The encoded images of a /classify request: a raw image body or multipart `file` fields.
 
     Args:
         request: The request.
         max_bytes: Largest body accepted.
         max_images: Most images accepted.
+        timeout_s: Read deadline of the body (see `read_body`).
     """
     kind = media_type(request)
     if kind == "multipart/form-data":
-        images = [data for field, _, data in await read_files(request, max_bytes) if field == "file"]
+        images = [data for field, _, data in await read_files(request, max_bytes, timeout_s) if field == "file"]
         if not images:
             raise BadRequest("multipart body has no 'file' field")
     elif kind in RAW_IMAGE_TYPES or not kind:
-        images = [await read_body(request, max_bytes)]
+        images = [await read_body(request, max_bytes, timeout_s)]
     else:
         raise UnsupportedMediaType(
             f"content type {kind!r} not accepted: send image/jpeg, image/png or image/webp as the body, "

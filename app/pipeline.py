@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Sequence
 
 from app.batcher import Batcher
-from app.preprocess import Preprocessor
+from app.preprocess import Preprocessor, scale_size
 from app.tasks import BatchItem, LoadedTask, TopK
 
 
@@ -30,6 +30,7 @@ async def classify_images(
         preprocessor: Decodes and transforms the images off the event loop.
         batcher: Queues the images for the engine.
     """
-    tensors = await preprocessor.decode_many(images, task.transform)
+    batcher.check_room(len(images))  # a full queue answers 503 before any decoding work
+    tensors = await preprocessor.decode_many(images, task.transform, scale_size(task.data_config))
     futures = batcher.submit_many([BatchItem(task, t, k) for t in tensors])
     return list(await asyncio.gather(*futures))

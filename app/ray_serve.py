@@ -37,7 +37,7 @@ from app.errors import AppError, InvalidAdapter, NotReady, UnknownTask, install_
 from app.main import _observe_batch, _record_request
 from app.metrics import Metrics
 from app.payloads import read_images
-from app.preprocess import Preprocessor
+from app.preprocess import Preprocessor, scale_size
 from app.registry import CONFIG_NAME, NAME_MAX, NAME_PATTERN, WEIGHTS_NAME, Registry, valid_name
 from app.schemas import (
     ClassifyResponse,
@@ -147,7 +147,7 @@ class Classifier:
             max_queue=settings.queue_size, on_batch=lambda size, waits: _observe_batch(self.metrics, size, waits),
             on_depth=self.metrics.queue_depth.set)
         self.batcher.start()
-        self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels)
+        self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels, settings.max_request_pixels)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._catalog: dict[str, tuple[tuple[int, ...] | None, TaskDetail]] = {}
         self._warm = False
@@ -172,7 +172,7 @@ class Classifier:
             # a replica starts with none, so it does so on the first task it is sent.
             self._warm = True
             await self.engine.warm_up([loaded])
-        tensors = await self.preprocessor.decode_many(images, loaded.transform)
+        tensors = await self.preprocessor.decode_many(images, loaded.transform, scale_size(loaded.data_config))
         predictions = await asyncio.gather(*self.batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors]))
         answer = classify_response(loaded, self.engine.fingerprint, time.perf_counter() - start, predictions)
         return Reply(answer.model_dump(), self.replica, sorted(self.registry.tasks))
@@ -250,7 +250,8 @@ class Ingress:
             top_k: Classes per image.
         """
         start = time.perf_counter()
-        images = await read_images(request, self.settings.max_body_bytes, self.settings.max_images)
+        images = await read_images(request, self.settings.max_body_bytes, self.settings.max_images,
+                                   self.settings.body_timeout_s)
         call = self.classifier.options(multiplexed_model_id=task).classify.remote(task, images, top_k)
         reply: Reply = await _unwrap(call)
         self.counts[reply.replica][task] += 1

@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from adapters import AdapterError, load_adapter
 from app.engine import Engine
-from app.errors import InvalidAdapter, UnknownTask
+from app.errors import AppError, InsufficientMemory, InvalidAdapter, UnknownTask
 from app.preprocess import Transform, make_transform, resolve_config
 from app.tasks import LoadedTask
 
@@ -30,6 +31,9 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 NAME_MAX = 64
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What an upload, replace or delete leaves in the store when the process dies half-way.
+LEFTOVER_PATTERN = r"^\.(upload-.+|.+\.(old|deleted)-\d+-\d+)$"
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 _keys = itertools.count()
 
 
@@ -70,8 +74,12 @@ class Registry:
         return task
 
     async def load_store(self) -> None:
-        """Load every adapter in the store; refuse (and remember why) those that do not fit."""
+        """Remove leftovers of interrupted changes, then load every adapter in the store; refuse (and
+        remember why) those that do not fit."""
         self.store.mkdir(parents=True, exist_ok=True)
+        for leftover in sorted(p for p in self.store.iterdir() if re.fullmatch(LEFTOVER_PATTERN, p.name)):
+            log.warning("removing %s: left in the store by an interrupted upload, replace or delete", leftover)
+            await asyncio.to_thread(_discard, leftover)
         for directory in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
             name = directory.name
             try:
@@ -79,7 +87,7 @@ class Registry:
                     raise InvalidAdapter(f"task name {name!r} does not match {NAME_PATTERN}")
                 self.tasks[name] = await self._load(name, directory)
                 log.info("loaded task %s (version %s)", name, self.tasks[name].version)
-            except InvalidAdapter as exc:
+            except (InvalidAdapter, InsufficientMemory) as exc:
                 self.skipped[name] = exc.detail
                 log.warning("skipped adapter %s: %s", directory, exc.detail)
         self._publish()
@@ -188,17 +196,30 @@ class Registry:
     async def _load(self, name: str, directory: Path, prepare: bool = True) -> LoadedTask:
         engine = self.engine
         try:
-            # Reading the backbone's structure (shapes) is safe beside a running batch.
-            adapter = await asyncio.to_thread(load_adapter, directory, engine.backbone, engine.fingerprint)
-            version = adapter.version  # load_adapter verified the file against this checksum
-            data_config = resolve_config(adapter.data_config, engine.backbone)
-            transform = self._transform(data_config)
-            task = LoadedTask(name, f"{name}@{version}#{next(_keys)}", adapter, version, data_config, transform)
-            if prepare:
+            task = await self._validate(name, directory)
+        except AppError:
+            raise
+        except Exception as exc:  # any failure to read or preprocess with it means: refuse this adapter, say why
+            raise InvalidAdapter(f"adapter {name!r} refused: {self._reason(exc, name, directory)}") from exc
+        if prepare:
+            try:
                 await engine.prepare(task)
-        except Exception as exc:  # any failure to load or run it means: refuse this adapter, say why
-            raise InvalidAdapter(f"adapter {name!r} refused: {exc}") from exc
+            except _OUT_OF_MEMORY as exc:  # the server's limit, not the adapter's fault
+                raise InsufficientMemory(f"not enough memory to load adapter {name!r}; retry later or free tasks",
+                                         headers={"Retry-After": "5"}) from exc
+            except ValueError as exc:  # the engine's "cannot run here" (e.g. non-finite folded weights)
+                raise InvalidAdapter(f"adapter {name!r} refused: {self._reason(exc, name, directory)}") from exc
         return task
+
+    async def _validate(self, name: str, directory: Path) -> LoadedTask:
+        engine = self.engine
+        # Reading the backbone's structure (shapes) is safe beside a running batch.
+        adapter = await asyncio.to_thread(load_adapter, directory, engine.backbone, engine.fingerprint,
+                                          base_model=engine.name)
+        version = adapter.version  # load_adapter verified the file against this checksum
+        data_config = resolve_config(adapter.data_config, engine.backbone)
+        transform = self._transform(data_config)
+        return LoadedTask(name, f"{name}@{version}#{next(_keys)}", adapter, version, data_config, transform)
 
     def _transform(self, data_config: dict[str, Any]) -> Transform:
         # Tasks trained with one recipe share one data config: build and probe its transform once
@@ -218,6 +239,15 @@ class Registry:
             raise AdapterError(f"its preprocessing yields {tuple(probe.shape)}, not {expected}")
         return self._transforms.setdefault(key, transform)
 
+    def _reason(self, exc: Exception, name: str, directory: Path) -> str:
+        # Clients see task names only, never server paths; a bare KeyError or empty message says nothing.
+        text = f"missing or unknown key {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+        text = text or f"{type(exc).__name__} while reading it"
+        for path, shown in ((directory.resolve(), name), (directory, name), (self.store.resolve(), "<store>"),
+                            (self.store, "<store>")):
+            text = text.replace(str(path), shown)
+        return text.replace(directory.name, name)
+
     def _publish(self) -> None:
         metrics = self.engine.metrics
         metrics.adapters_loaded.set(len(self.tasks))
@@ -232,17 +262,25 @@ def _write_files(directory: Path, config: bytes, weights: bytes) -> None:
 def _swap_into_place(tmp: Path, directory: Path) -> None:
     # A directory rename is atomic: readers of the store see the old pair or the new, never a mix.
     old = None
-    if directory.exists():
+    if directory.exists() or directory.is_symlink():
         old = directory.parent / f".{directory.name}.old-{os.getpid()}-{next(_keys)}"
         os.replace(directory, old)
     os.replace(tmp, directory)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
 
 
 def _remove_dir(directory: Path) -> None:
-    if not directory.exists():
+    if not directory.exists() and not directory.is_symlink():
         return
     trash = directory.parent / f".{directory.name}.deleted-{os.getpid()}-{next(_keys)}"
     os.replace(directory, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    _discard(trash)
+
+
+def _discard(path: Path) -> None:
+    # A symlinked task is removed as a link: its target lies outside the store and is not ours.
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from app.engine import Engine
     from app.settings import Settings
     from app.tasks import LoadedTask
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: a one-line reason, plus fields some errors add."""
+
+    detail: str = Field(description="What is wrong, in one line.")
+    tasks: list[str] | None = Field(None, description="Unknown task (404): the tasks that are served.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Invalid parameters (422): one entry per problem, with `loc`, `msg` and `type`."
+    )
 
 
 class Prediction(BaseModel):
@@ -146,7 +156,18 @@ def task_detail(task: LoadedTask) -> TaskDetail:
     """
     a = task.adapter
     return TaskDetail(**task_info(task).model_dump(), config=a.config.to_dict(),
-                      data_config=task.data_config, metadata=a.metadata)
+                      data_config=task.data_config, metadata=_no_paths(a.metadata))
+
+
+def _no_paths(value: Any) -> Any:
+    # The trainer records e.g. its --checkpoint; an unauthenticated GET shows the file name, not where it lives.
+    if isinstance(value, dict):
+        return {k: _no_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_paths(v) for v in value]
+    if isinstance(value, str) and (PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()):
+        return PureWindowsPath(value).name if "\\" in value else PurePosixPath(value).name
+    return value
 
 
 def classify_response(task: LoadedTask, fingerprint: str, seconds: float,

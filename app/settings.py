@@ -60,7 +60,14 @@ class Settings(BaseSettings):
     # Requests
     admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /tasks; unset = disabled.")
     max_body_bytes: int = Field(20 * 2**20, ge=1, description="Largest request body.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request's whole body must arrive within this many seconds (408 otherwise)."
+    )
     max_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (width * height).")
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="Most decoded pixels of one request, summed over its images (JPEGs count "
+        "at the reduced size they are decoded at)."
+    )
     max_images: int = Field(16, ge=1, description="Most images in one /classify request.")
 
     # Server (used by `python -m app`)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from app.deps import BatcherDep, EngineDep, PreprocessorDep, RegistryDep, SettingsDep
+from app.errors import error_responses
 from app.payloads import read_images
 from app.pipeline import classify_images
 from app.registry import NAME_MAX, NAME_PATTERN
@@ -23,7 +24,8 @@ _BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY)
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY,
+             responses=error_responses(400, 404, 408, 413, 415, 422, 503))
 async def classify(
     request: Request,
     task: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Task name.")],
@@ -38,6 +40,7 @@ async def classify(
     start = time.perf_counter()
     loaded = registry.get(task)
     request.state.task = task
-    images = await read_images(request, settings.max_body_bytes, settings.max_images)
+    batcher.check_room(1)  # shed load before reading and decoding anything
+    images = await read_images(request, settings.max_body_bytes, settings.max_images, settings.body_timeout_s)
     predictions = await classify_images(loaded, images, top_k, preprocessor, batcher)
     return classify_response(loaded, engine.fingerprint, time.perf_counter() - start, predictions)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import MetricsDep
-from app.errors import NotReady
+from app.errors import NotReady, error_responses
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -18,7 +19,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health)
+@router.get("/readyz", response_model=Health, responses=error_responses(503))
 async def readyz(request: Request) -> Health:
     """The backbone is loaded and warmed up, and the server is not shutting down."""
     if not getattr(request.app.state, "ready", False):
@@ -26,7 +27,7 @@ async def readyz(request: Request) -> Health:
     return Health(status="ready", tasks=len(request.app.state.registry.tasks))
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format."""
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 
 from app.deps import AdminDep, EngineDep, RegistryDep, SettingsDep
+from app.errors import error_responses
 from app.payloads import adapter_files, read_files
 from app.registry import NAME_MAX, NAME_PATTERN
 from app.schemas import TaskDetail, TaskInfo, TaskList, backbone_info, task_detail, task_info
@@ -27,7 +28,7 @@ async def list_tasks(registry: RegistryDep, engine: EngineDep, settings: Setting
     return TaskList(backbone=backbone, tasks=[task_info(t) for _, t in sorted(registry.tasks.items())] + skipped)
 
 
-@router.get("/{name}", response_model=TaskDetail)
+@router.get("/{name}", response_model=TaskDetail, responses=error_responses(404, 422))
 async def show_task(name: TaskName, registry: RegistryDep) -> TaskDetail:
     """One task: labels, configuration, training metrics; or why it was refused."""
     if name in registry.skipped:
@@ -35,14 +36,16 @@ async def show_task(name: TaskName, registry: RegistryDep) -> TaskDetail:
     return task_detail(registry.get(name))
 
 
-@router.put("/{name}", response_model=TaskDetail, dependencies=[AdminDep], openapi_extra=_UPLOAD)
+@router.put("/{name}", response_model=TaskDetail, dependencies=[AdminDep], openapi_extra=_UPLOAD,
+            responses=error_responses(400, 401, 403, 408, 413, 415, 422, 503))
 async def upload_task(name: TaskName, request: Request, registry: RegistryDep, settings: SettingsDep) -> TaskDetail:
     """Validate an adapter (multipart `config` + `weights`), store it atomically, serve it now."""
-    config, weights = adapter_files(await read_files(request, settings.max_body_bytes))
+    config, weights = adapter_files(await read_files(request, settings.max_body_bytes, settings.body_timeout_s))
     return task_detail(await registry.install(name, config, weights))
 
 
-@router.delete("/{name}", status_code=204, dependencies=[AdminDep])
+@router.delete("/{name}", status_code=204, dependencies=[AdminDep], response_class=Response,
+               responses=error_responses(401, 403, 404, 422))
 async def delete_task(name: TaskName, registry: RegistryDep) -> Response:
     """Stop serving a task and remove it from the store."""
     await registry.delete(name)

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.batcher import Batcher
 from app.main import create_app
 
 PNG = {"content-type": "image/png"}
@@ -114,12 +115,14 @@ def test_one_bad_image_among_good_ones_fails_the_request_cleanly(client, png) ->
     assert client.post("/classify?task=alpha", content=png(0), headers=PNG).status_code == 200
 
 
-def test_full_queue_is_503_with_retry_after(make_settings, png) -> None:
-    with TestClient(create_app(make_settings(queue_size=1, max_images=4))) as client:
+def test_full_queue_is_503_with_retry_after(make_settings, png, monkeypatch) -> None:
+    with TestClient(create_app(make_settings(queue_size=2, max_images=4))) as client:
+        monkeypatch.setattr(Batcher, "depth", property(lambda self: 1))  # one image already waiting
         files = [("file", (f"{i}.png", png(i), "image/png")) for i in range(2)]
         response = client.post("/classify?task=alpha", files=files)
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
+        assert "1/2" in response.json()["detail"]
 
 
 def test_unknown_route_and_method(client) -> None:

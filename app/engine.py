@@ -35,6 +35,10 @@ __all__ = ["Engine", "BatchItem", "TopK", "load_backbone"]
 log = logging.getLogger("app")
 T = TypeVar("T")
 BatchKind = Literal["merged", "segmented", "unmerged", "hybrid"]  # the label a batch is counted under
+# Logits of the fused kernel vs the torch fold, relative to their largest: both round W' and
+# activations to fp16/bf16 once per layer in a different order; 12 blocks of bf16 (8-bit mantissa)
+# stay well under 5e-2, while a wrong segment, c group or missing bias moves logits by O(1).
+KERNEL_TOLERANCE = 5e-2
 
 
 class Engine:
@@ -189,9 +193,31 @@ class Engine:
         # Two rows whatever the task count: the same warm-up work (and allocator state) for 1 task as for
         # 1,000, so what a server holds after start-up differs only by what its tasks themselves take.
         items = [BatchItem(tasks[i % len(tasks)], image, 1) for i in range(2)]
+        self._check_kernel(tasks[0], image)
         for form in ("segmented", "unmerged"):
             self._run_batch(items, force=form, record=False)
         self._calibrate(tasks[0], image)
+
+    def _check_kernel(self, task: LoadedTask, image: torch.Tensor) -> None:
+        # The fused Triton GEMM (CUDA only) must agree with the torch fold before it serves: a kernel
+        # that fails to compile or disagrees on this GPU is switched off with a warning, not served.
+        if self.device.type != "cuda" or not self.multi.fused:
+            return
+        x = torch.randn(3, *image.shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        keys = [task.key] * 3
+        try:
+            with torch.inference_mode():
+                fused = self.multi(x, keys, mode="segmented").float()
+                self.multi.fused = False
+                plain = self.multi(x, keys, mode="segmented").float()
+            error = ((fused - plain).abs().max() / plain.abs().max().clamp_min(1e-6)).item()
+            self.multi.fused = error <= KERNEL_TOLERANCE
+            if not self.multi.fused:
+                log.warning("fused segmented kernel disagrees with the torch fold (relative error %.2g): "
+                            "using the torch fold", error)
+        except Exception as exc:  # noqa: BLE001 - any compile/launch failure: fall back, say why
+            self.multi.fused = False
+            log.warning("fused segmented kernel unavailable (%s: %s): using the torch fold", type(exc).__name__, exc)
 
     def _calibrate(self, task: LoadedTask, image: torch.Tensor) -> None:
         # Time one task's batch of 1 and of a few images in the two forms `auto` chooses between for

@@ -32,7 +32,10 @@ from app.pipeline import classify_images
 from app.registry import NAME_MAX, NAME_PATTERN
 from app.tasks import LoadedTask
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 503)}
+# "4XX" too: every client error is the protocol's body (invalid parameters answer 400, not FastAPI's 422)
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 503, "4XX")}
+_VERSION = {"parameters": [{"name": "version", "in": "path", "required": True, "description": "Adapter version",
+                            "schema": {"type": "string"}}]}  # read by `served_task` from the path
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=OIPRoute, responses=_ERRORS)
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": inline_schema(InferRequest)},
@@ -82,21 +85,22 @@ async def server_metadata(request: Request) -> ServerMetadata:
 
 
 @router.get("/models/{task}", response_model=ModelMetadata)
-@router.get("/models/{task}/versions/{version}", response_model=ModelMetadata)
+@router.get("/models/{task}/versions/{version}", response_model=ModelMetadata, openapi_extra=_VERSION)
 async def metadata(task: TaskDep) -> ModelMetadata:
     """A task as a model: input `image` (BYTES), outputs `labels` (BYTES) and `scores` (FP32)."""
     return model_metadata(task.name, task.version)
 
 
 @router.get("/models/{task}/ready", response_model=ModelReady)
-@router.get("/models/{task}/versions/{version}/ready", response_model=ModelReady)
+@router.get("/models/{task}/versions/{version}/ready", response_model=ModelReady, openapi_extra=_VERSION)
 async def model_ready(task: TaskDep) -> ModelReady:
     """The task is served (404 when it is not)."""
     return ModelReady(name=task.name, ready=True)
 
 
 @router.post("/models/{task}/infer", response_class=Response, openapi_extra=_INFER_BODY)
-@router.post("/models/{task}/versions/{version}/infer", response_class=Response, openapi_extra=_INFER_BODY)
+@router.post("/models/{task}/versions/{version}/infer", response_class=Response,
+             openapi_extra={**_INFER_BODY, **_VERSION})
 async def infer(request: Request, task: TaskDep, preprocessor: PreprocessorDep, batcher: BatcherDep,
                 settings: SettingsDep) -> Response:
     """Top-k `labels` and `scores` ([images, top_k]) of each element of the BYTES input `image`."""

@@ -345,6 +345,7 @@ def test_bare_and_empty_errors_get_a_reason(client, make_upload, monkeypatch, er
         raise error
 
     monkeypatch.setattr(registry_module, "make_transform", fail)
+    client.app.state.registry._transforms.clear()  # transforms are built once per data config: build again
     response = client.put("/tasks/delta", files=_files(make_upload()), headers=AUTH)
     assert response.status_code == 422
     assert response.json()["detail"] == f"adapter 'delta' refused: {expected}"

@@ -188,9 +188,19 @@ def test_malformed_requests_get_the_protocols_error(client: TestClient, body: by
     assert set(response.json()) == {"error"} and message in response.json()["error"], response.json()
 
 
-def test_limits_and_overload_match_classify(make_settings, png) -> None:
+def test_limits_and_overload_match_classify(make_settings, png, monkeypatch) -> None:
+    from app.batcher import Batcher
+
     with TestClient(create_app(make_settings(queue_size=1, max_body_bytes=4096))) as client:
-        full = client.post("/v2/models/alpha/infer", json=_request([png(1, size=(8, 8)), png(2, size=(8, 8))]))
+        two = [png(1, size=(8, 8)), png(2, size=(8, 8))]
+        never = client.post("/v2/models/alpha/infer", json=_request(two))  # can never fit: not a retry
+        files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(two)]
+        same = client.post("/classify?task=alpha", files=files)
+        assert never.status_code == same.status_code == 413 and "retry-after" not in never.headers
+        assert never.json()["error"] == same.json()["detail"]
+        with monkeypatch.context() as m:
+            m.setattr(Batcher, "depth", property(lambda self: self.max_queue))
+            full = client.post("/v2/models/alpha/infer", json=_request(two[:1]))
         assert full.status_code == 503 and full.headers["retry-after"] == "1" and "queue full" in full.json()["error"]
         big = client.post("/v2/models/alpha/infer", json=_request([png(1)]))
         assert big.status_code == 413 and "over the limit of 4096" in big.json()["error"]

@@ -218,6 +218,7 @@ def remove_adapter(store: str | os.PathLike, name: str) -> bool:
     if not os.path.lexists(directory):
         return False
     _discard(directory if directory.is_symlink() else _move_aside(directory, _DELETED))
+    _fsync(directory.parent)
     return True
 
 

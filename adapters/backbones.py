@@ -8,7 +8,7 @@ so the two can never build different backbones from the same words.
 
 Also here: the in-house backbone, registered with timm so every part of the project builds it by
 name. `vit_pico_patch4_32.cifar5` is a small ViT pretrained in-house on 5 CIFAR-10 classes at 32×32
-px (see `adapters/weights/README.md`): NOT an ImageNet model. Its weights ship inside the package,
+px (model card: `adapters/weights/model_card.json`): NOT an ImageNet model. Its weights ship inside the package,
 so `timm.create_model("vit_pico_patch4_32.cifar5", pretrained=True)` works offline once
 `adapters` is imported.
 """

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .errors import AdapterConfigError
+
 __all__ = ["RLRRConfig", "INIT_POLICIES", "MODEL_LEVEL_SSF"]
 
 INIT_POLICIES = ("reference", "identity")
@@ -51,24 +53,24 @@ class RLRRConfig:
         object.__setattr__(self, "ssf_targets", tuple(self.ssf_targets))
         for name in ("left", "right", "residual", "bias_shift", "split_qkv"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise AdapterConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not all(isinstance(n, str) for n in self.rescale_targets + self.ssf_targets):
-            raise ValueError("targets must be module paths (strings)")
+            raise AdapterConfigError("targets must be module paths (strings)")
         if self.init not in INIT_POLICIES:
-            raise ValueError(f"init must be one of {INIT_POLICIES}, got {self.init!r}")
+            raise AdapterConfigError(f"init must be one of {INIT_POLICIES}, got {self.init!r}")
         if self.rescale_targets and not (self.left or self.right):
-            raise ValueError(
+            raise AdapterConfigError(
                 "left=False and right=False leave nothing to learn on the rescaled linears; "
                 "set rescale_targets=() for a bias/SSF-only adapter"
             )
         for names, what in ((self.rescale_targets, "rescale_targets"), (self.ssf_targets, "ssf_targets")):
             if len(set(names)) != len(names):
-                raise ValueError(f"{what} lists a module twice: {names}")
+                raise AdapterConfigError(f"{what} lists a module twice: {names}")
             if any(not n or n.startswith(".") or n.endswith(".") for n in names):
-                raise ValueError(f"{what} holds an empty or malformed module path: {names}")
+                raise AdapterConfigError(f"{what} holds an empty or malformed module path: {names}")
         overlap = set(self.rescale_targets) & set(self.ssf_targets)
         if overlap:
-            raise ValueError(f"modules {sorted(overlap)} are both rescaled and SSF targets; pick one")
+            raise AdapterConfigError(f"modules {sorted(overlap)} are both rescaled and SSF targets; pick one")
 
     @classmethod
     def preset(cls, method: str, **overrides: Any) -> RLRRConfig:
@@ -85,7 +87,7 @@ class RLRRConfig:
             "linear": {"rescale_targets": (), "ssf_targets": ()},
         }
         if method not in presets:
-            raise ValueError(f"unknown method {method!r}; expected one of {sorted(presets)}")
+            raise AdapterConfigError(f"unknown method {method!r}; expected one of {sorted(presets)}")
         return cls(**{**presets[method], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,5 +101,5 @@ class RLRRConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown RLRRConfig fields {sorted(unknown)}")
+            raise AdapterConfigError(f"unknown RLRRConfig fields {sorted(unknown)}")
         return cls(**d)

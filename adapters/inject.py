@@ -9,11 +9,13 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import MODEL_LEVEL_SSF, RLRRConfig
-from .layers import RLRRLinear, SSFLayer, is_adapter_key
+from .errors import AdapterModelError
+from .layers import RLRRLinear, SSFLayer
+from .names import HEAD_NAMES, RLRR_C, RLRR_L, RLRR_S, SSF_SCALE, SSF_SHIFT, is_adapter_key, tensor_name
 
 __all__ = [
     "Target", "plan_targets", "add_rlrr", "adapter_state_dict", "adapter_shapes", "unwrap",
-    "base_module", "backbone_fingerprint", "feature_dim",
+    "base_module", "backbone_fingerprint", "wrapped_config",
 ]
 
 _WRAPPERS = (RLRRLinear, SSFLayer)
@@ -44,12 +46,12 @@ def base_module(module: nn.Module) -> nn.Module:
 
 def _check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
+        raise AdapterModelError(
             f"RLRR supports timm VisionTransformer models, got {type(model).__name__}; "
             "use e.g. timm.create_model('vit_base_patch16_224')"
         )
     if hasattr(model, "head_dist"):
-        raise ValueError("distilled ViTs (two heads, e.g. deit_*_distilled_*) are not supported")
+        raise AdapterModelError("distilled ViTs (two heads, e.g. deit_*_distilled_*) are not supported")
 
 
 def _is_identity(module: nn.Module | None) -> bool:
@@ -66,7 +68,7 @@ def _resolve_model_ssf(model: nn.Module, name: str) -> tuple[str, int]:
     for path in ("norm", "fc_norm"):  # avg-pool ViTs put the final norm after pooling
         if not _is_identity(getattr(model, path, None)):
             return path, -1
-    raise ValueError("the model has neither a final 'norm' nor an 'fc_norm' to scale and shift")
+    raise AdapterModelError("the model has neither a final 'norm' nor an 'fc_norm' to scale and shift")
 
 
 def plan_targets(model: nn.Module, config: RLRRConfig) -> list[Target]:
@@ -85,7 +87,7 @@ def plan_targets(model: nn.Module, config: RLRRConfig) -> list[Target]:
         for name in config.rescale_targets:
             module = _get(block, name, f"blocks.{i}")
             if not isinstance(base_module(module), nn.Linear):
-                raise ValueError(f"blocks.{i}.{name} is {type(module).__name__}, not nn.Linear")
+                raise AdapterModelError(f"blocks.{i}.{name} is {type(module).__name__}, not nn.Linear")
             groups = 3 if config.split_qkv and name.endswith("qkv") else 1
             targets.append(Target(f"blocks.{i}.{name}", "rescale", groups=groups))
         for name in config.ssf_targets:
@@ -93,7 +95,7 @@ def plan_targets(model: nn.Module, config: RLRRConfig) -> list[Target]:
                 continue
             module = base_module(_get(block, name, f"blocks.{i}"))
             if not isinstance(module, _SSF_BASES):
-                raise ValueError(f"blocks.{i}.{name} is {type(module).__name__}; SSF needs a norm or linear")
+                raise AdapterModelError(f"blocks.{i}.{name} is {type(module).__name__}; SSF needs a norm or linear")
             targets.append(Target(f"blocks.{i}.{name}", "ssf", channel_dim=-1))
     if "norm" in config.ssf_targets:
         targets.append(Target(_resolve_model_ssf(model, "norm")[0], "ssf", channel_dim=-1))
@@ -104,10 +106,10 @@ def _get(root: nn.Module, path: str, where: str) -> nn.Module:
     try:
         return root.get_submodule(path)
     except AttributeError:
-        raise ValueError(f"{where} has no module '{path}' (not a standard timm ViT block?)") from None
+        raise AdapterModelError(f"{where} has no module '{path}' (not a standard timm ViT block?)") from None
 
 
-def feature_dim(model: nn.Module) -> int:
+def _feature_dim(model: nn.Module) -> int:
     return model.num_features if hasattr(model, "num_features") else model.embed_dim
 
 
@@ -130,16 +132,17 @@ def adapter_shapes(model: nn.Module, config: RLRRConfig, num_classes: int) -> di
         m = base_module(model.get_submodule(t.path))
         if t.kind == "ssf":
             d = _out_channels(m)
-            shapes[f"{t.path}.ssf_scale"] = shapes[f"{t.path}.ssf_shift"] = (d,)
+            shapes[tensor_name(t.path, SSF_SCALE)] = shapes[tensor_name(t.path, SSF_SHIFT)] = (d,)
             continue
         if config.left:
-            shapes[f"{t.path}.rlrr_l"] = (m.out_features,)
+            shapes[tensor_name(t.path, RLRR_L)] = (m.out_features,)
         if config.right:
-            shapes[f"{t.path}.rlrr_c"] = (t.groups, m.in_features)
+            shapes[tensor_name(t.path, RLRR_C)] = (t.groups, m.in_features)
         if config.bias_shift and m.bias is not None:
-            shapes[f"{t.path}.rlrr_s"] = (m.out_features,)
-    shapes["head.weight"] = (num_classes, feature_dim(model))
-    shapes["head.bias"] = (num_classes,)
+            shapes[tensor_name(t.path, RLRR_S)] = (m.out_features,)
+    head_weight, head_bias = HEAD_NAMES
+    shapes[head_weight] = (num_classes, _feature_dim(model))
+    shapes[head_bias] = (num_classes,)
     return shapes
 
 
@@ -156,7 +159,7 @@ def add_rlrr(model: nn.Module, config: RLRRConfig | None = None, num_classes: in
     """
     config = config or RLRRConfig()
     if hasattr(model, "rlrr_config"):
-        raise ValueError("model already has an RLRR adapter; start from a plain timm model")
+        raise AdapterModelError("model already has an RLRR adapter; start from a plain timm model")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     targets = plan_targets(model, config)
@@ -181,6 +184,18 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def wrapped_config(model: nn.Module) -> RLRRConfig:
+    """The config `add_rlrr` gave a model.
+
+    Raises:
+        AdapterModelError: The model has no adapter.
+    """
+    config = getattr(model, "rlrr_config", None)
+    if config is None:
+        raise AdapterModelError("model has no RLRR adapter (add_rlrr was not called on it)")
+    return config
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every wrapper by its base layer, in place; returns the plain model."""
     for path, module in list(model.named_modules()):
@@ -196,7 +211,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: t.detach().to("cpu", copy=True).contiguous()
         for name, t in model.state_dict().items()
-        if is_adapter_key(name) or name in ("head.weight", "head.bias")
+        if is_adapter_key(name) or name in HEAD_NAMES
     }
 
 

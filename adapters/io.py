@@ -1,17 +1,22 @@
 """The on-disk adapter: a folder with adapter_config.json + adapter_model.safetensors.
 
-Both the trainer (writes) and the server (reads) use only these two functions. Writes are atomic:
-the folder is built under a temporary name beside the target and renamed into place, so a crash
-leaves either the old adapter or the new one, never a mix. No pickle anywhere.
+This module owns that folder: `save_adapter` (the trainer) and `install_adapter` (an upload) write
+it, `load_adapter` reads it, `remove_adapter` deletes it, and `stale_uploads` finds what a crash
+left beside it. Every write goes through one helper: the folder is built under a hidden temporary
+name beside the target, fsynced, and renamed into place, so a crash leaves either the old adapter
+or the new one, never a mix. No pickle anywhere.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +29,14 @@ from safetensors.torch import save_file
 
 from .backbones import BackboneSpec
 from .config import RLRRConfig
-from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint
+from .errors import AdapterError, AdapterModelError, AdapterShapeError, AdapterValueError
+from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint, wrapped_config
+from .names import HEAD_NAMES
 from .packed import PackedTensors
 
 __all__ = ["Adapter", "AdapterError", "AdapterConfigFile", "DataConfigFile", "save_adapter", "load_adapter",
-           "same_model", "check_backbone_spec", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "install_adapter", "remove_adapter", "stale_uploads", "remove_stale_uploads", "same_model",
+           "check_backbone_spec", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 FORMAT_VERSION = 1
 METHOD = "rlrr"
@@ -36,10 +44,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _REQUIRED = ("format_version", "method", "rlrr_config", "base_model", "backbone_fingerprint",
              "num_classes", "labels", "weights_sha256")
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be used; the message says exactly why."""
+# Hidden names beside the adapter folders: a write in progress (save / upload), an old adapter moved
+# aside by a replace, a removed one on its way out. What a crash leaves of them is stale.
+_SAVING, _UPLOAD, _OLD, _DELETED = "tmp", "upload", "old", "deleted"
 
 
 _HEX64 = r"^[0-9a-f]{64}$"
@@ -138,7 +145,7 @@ def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch, tag = cfg.get("architecture"), cfg.get("tag")
     if not arch:
-        raise ValueError("cannot tell the model's timm name; pass base_model=")
+        raise AdapterModelError("cannot tell the model's timm name; pass base_model=")
     return f"{arch}.{tag}" if tag else arch
 
 
@@ -179,10 +186,9 @@ def save_adapter(
         backbone_spec = getattr(model_or_tensors, "backbone_spec", None)
     if isinstance(model_or_tensors, nn.Module):
         model = model_or_tensors
-        if not hasattr(model, "rlrr_config"):
-            raise ValueError("model has no RLRR adapter (add_rlrr was not called on it)")
+        own = wrapped_config(model)  # raises for a model without an adapter
+        config = config or own
         tensors = adapter_state_dict(model)
-        config = config or model.rlrr_config
         fingerprint = fingerprint or backbone_fingerprint(model)
         num_classes = num_classes or model.head.out_features
         base_model = base_model or _model_name(model)
@@ -200,10 +206,8 @@ def save_adapter(
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     _check_tensors(tensors, num_classes, labels)
     spec = backbone_spec or _derived_spec(base_model, metadata or {})
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         weights = tmp / WEIGHTS_NAME
         save_file(tensors, str(weights), metadata={"format": "pt"})
         doc = {
@@ -221,24 +225,162 @@ def save_adapter(
             "weights_sha256": _sha256(weights),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        for f in (weights, tmp / CONFIG_NAME):
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return _write_folder(directory, write, _hidden(directory.name, _SAVING))
+
+
+def install_adapter(
+        store: str | os.PathLike,
+        name: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        *,
+        validate: Callable[[Path], object] | None = None,
+) -> Path:
+    """Write an uploaded adapter into the store as `store/name`, atomically, once it passes `validate`.
+
+    The two files are written into a hidden `.upload-NAME-*` folder in the store and fsynced; then
+    `validate` is called on that folder, and only when it returns is the folder renamed into place
+    (an adapter already there is replaced). A failed validation leaves nothing behind; a crash
+    leaves the old adapter and a stale upload that `stale_uploads` lists.
+
+    Args:
+        store: The folder holding one adapter folder per task.
+        name: Task name: one plain folder name, not hidden.
+        config_bytes: Contents of adapter_config.json.
+        weights_bytes: Contents of adapter_model.safetensors.
+        validate: Raises if the adapter in the folder it is given must not be installed (e.g. a
+            `load_adapter` against the served backbone); its result is ignored.
+
+    Returns:
+        The adapter folder, `store/name`.
+    """
+    directory = _task_folder(store, name)
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_bytes(config_bytes)
+        (tmp / WEIGHTS_NAME).write_bytes(weights_bytes)
+
+    return _write_folder(directory, write, f".{_UPLOAD}-{name}-", validate)
+
+
+def remove_adapter(store: str | os.PathLike, name: str) -> bool:
+    """Remove `store/name` atomically; returns whether there was anything to remove.
+
+    A folder is renamed to a hidden trash name first (readers see it whole or not at all), then
+    deleted. A task folder that is a symlink loses the link only: what it points to is kept.
+
+    Args:
+        store: The folder holding one adapter folder per task.
+        name: Task name.
+    """
+    directory = _task_folder(store, name)
+    if not os.path.lexists(directory):
+        return False
+    _discard(directory if directory.is_symlink() else _move_aside(directory, _DELETED))
+    _fsync(directory.parent)
+    return True
+
+
+def stale_uploads(store: str | os.PathLike) -> list[Path]:
+    """What interrupted writes left in a store, for a server to clean at start-up.
+
+    Hidden `.upload-*` (uploads), `.*.tmp-*` (saves), `.*.old-*` (adapters being replaced) and
+    `.*.deleted-*` (adapters being removed) entries, sorted. Only meaningful while nothing else
+    writes into the store: a write in progress looks the same.
+
+    Args:
+        store: The folder holding one adapter folder per task.
+    """
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    return sorted(p for p in store.iterdir() if _is_stale(p.name))
+
+
+def remove_stale_uploads(store: str | os.PathLike) -> list[Path]:
+    """Delete what `stale_uploads` lists (a link, not what it points to); returns the paths removed.
+
+    Args:
+        store: The folder holding one adapter folder per task.
+    """
+    stale = stale_uploads(store)
+    for path in stale:
+        _discard(path)
+    return stale
+
+
+def _is_stale(name: str) -> bool:
+    patterns = [f".{_UPLOAD}-*"] + [f"{_hidden('*', why)}*" for why in (_SAVING, _OLD, _DELETED)]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _task_folder(store: str | os.PathLike, name: str) -> Path:
+    if not name or name != Path(name).name or name.startswith(".") or name != name.strip():
+        raise ValueError(f"task name {name!r} must be one plain, visible folder name")
+    return Path(store) / name
+
+
+def _hidden(name: str, why: str) -> str:
+    """Prefix of a hidden entry beside folder `name`: `.NAME.WHY-`."""
+    return f".{name}.{why}-"
+
+
+def _write_folder(directory: Path, write: Callable[[Path], None], prefix: str,
+                  validate: Callable[[Path], object] | None = None) -> Path:
+    """The one atomic write: fill a temporary folder beside `directory`, fsync, validate, rename into place.
+
+    Args:
+        directory: The folder to (re)place; its parent exists.
+        write: Writes the files into the folder it is given.
+        prefix: Name prefix of the temporary folder (hidden).
+        validate: Raises if the written folder must not replace `directory`.
+    """
+    with _staged(directory.parent, prefix) as tmp:
+        write(tmp)
+        for f in tmp.iterdir():
             _fsync(f)
-        _swap_into_place(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(tmp)
+        if validate is not None:
+            validate(tmp)
+        _replace_folder(tmp, directory)
     return directory
 
 
-def _swap_into_place(tmp: Path, directory: Path) -> None:
-    """Rename the finished folder into place; an old adapter is moved aside, then removed."""
-    old = None
-    if directory.exists():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{id(tmp)}"
-        os.replace(directory, old)
+@contextmanager
+def _staged(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new empty folder in `parent`; deleted on the way out unless it was renamed away."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield tmp
+    finally:
+        _discard(tmp)
+
+
+def _replace_folder(tmp: Path, directory: Path) -> None:
+    """Rename the finished folder into place; an old folder (or link) is moved aside, then removed."""
+    old = _move_aside(directory, _OLD) if os.path.lexists(directory) else None
     os.replace(tmp, directory)
     _fsync(directory.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+
+
+def _move_aside(path: Path, why: str) -> Path:
+    """Rename `path` to a hidden, unique name beside it (one atomic step); returns the new path."""
+    aside = path.parent / f"{_hidden(path.name, why)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, aside)
+    return aside
+
+
+def _discard(path: Path) -> None:
+    """Delete a folder, file or link (never what a link points to); nothing if it is gone."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -260,15 +402,16 @@ def _sha256(path: Path) -> str:
 def _check_tensors(tensors: dict[str, torch.Tensor], num_classes: int, labels: list[str]) -> None:
     if len(labels) != num_classes:
         raise AdapterError(f"{len(labels)} labels for {num_classes} classes")
-    head = tensors.get("head.weight")
+    head_name = HEAD_NAMES[0]
+    head = tensors.get(head_name)
     if head is None or head.dim() != 2 or head.shape[0] != num_classes:
         got = None if head is None else tuple(head.shape)
-        raise AdapterError(f"head.weight must have shape ({num_classes}, D), got {got}")
+        raise AdapterShapeError(f"{head_name} must have shape ({num_classes}, D), got {got}")
     for name, t in tensors.items():
         if not t.is_floating_point():
-            raise AdapterError(f"tensor '{name}' has dtype {t.dtype}, expected floating point")
+            raise AdapterShapeError(f"tensor '{name}' has dtype {t.dtype}, expected floating point")
         if not torch.isfinite(t).all():
-            raise AdapterError(f"tensor '{name}' holds non-finite values (NaN or inf)")
+            raise AdapterValueError(f"tensor '{name}' holds non-finite values (NaN or inf)")
 
 
 def _derived_spec(base_model: str, metadata: dict[str, Any]) -> BackboneSpec:
@@ -431,5 +574,5 @@ def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     if wrong:
         problems.append(f"wrong shapes {wrong[:5]}")
     if problems:
-        raise AdapterError("adapter does not fit this backbone: " + "; ".join(problems))
+        raise AdapterShapeError("adapter does not fit this backbone: " + "; ".join(problems))
 

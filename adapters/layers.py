@@ -9,18 +9,11 @@ import torch.nn.functional as F
 
 from . import rlrr
 from .config import RLRRConfig
+from .names import ADAPTER_PARAM_TAGS, is_adapter_key  # noqa: F401 - re-exported: the wrappers' attribute names
 
 __all__ = ["RLRRLinear", "SSFLayer", "ADAPTER_PARAM_TAGS", "FORWARD_MODES", "is_adapter_key", "set_forward_mode"]
 
-# Every adapter tensor's name ends with one of these, so it can be told from backbone weights.
-ADAPTER_PARAM_TAGS = ("rlrr_l", "rlrr_c", "rlrr_s", "ssf_scale", "ssf_shift")
-
-
 FORWARD_MODES = ("fold", "unmerged")
-
-
-def is_adapter_key(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ADAPTER_PARAM_TAGS
 
 
 def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:

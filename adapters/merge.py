@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from . import rlrr
 from .config import RLRRConfig
-from .inject import adapter_state_dict, base_module, plan_targets, unwrap
+from .errors import AdapterShapeError, AdapterValueError
+from .inject import adapter_state_dict, base_module, plan_targets, unwrap, wrapped_config
+from .names import HEAD_NAMES, RLRR_C, RLRR_L, RLRR_S, SSF_SCALE, SSF_SHIFT, tensor_name
 
 __all__ = ["fold_adapter", "check_fold", "check_bounds", "weight_bounds", "merge_rlrr", "VALUE_LIMIT"]
 
@@ -32,12 +34,13 @@ def fold_adapter(
         config: The adapter's configuration.
 
     Raises:
-        ValueError: A tensor the config needs is missing, or the result is not finite.
+        AdapterShapeError: A tensor the config needs is missing.
+        AdapterValueError: The result is not finite.
     """
     folded = dict(_iter_fold(backbone, tensors, config))
     bad = [k for k, v in folded.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"folding produced non-finite values in {bad[:5]}")
+        raise AdapterValueError(f"folding produced non-finite values in {bad[:5]}")
     return folded
 
 
@@ -54,12 +57,12 @@ def check_fold(backbone: nn.Module, tensors: Mapping[str, torch.Tensor], config:
         config: As for `fold_adapter`.
 
     Raises:
-        ValueError: As `fold_adapter` does.
+        AdapterShapeError, AdapterValueError: As `fold_adapter` does.
     """
     nbytes = 0
     for name, value in _iter_fold(backbone, tensors, config):
         if not torch.isfinite(value).all():
-            raise ValueError(f"folding produced non-finite values in {[name]}")
+            raise AdapterValueError(f"folding produced non-finite values in {[name]}")
         nbytes += value.numel() * value.element_size()
     return nbytes
 
@@ -70,27 +73,27 @@ def _iter_fold(
     for t in plan_targets(backbone, config):
         m = base_module(backbone.get_submodule(t.path))
         dev = m.weight.device
-        get = lambda tag: _need(tensors, f"{t.path}.{tag}", dev)  # noqa: B023 - used in this iteration
+        get = lambda tag: _need(tensors, tensor_name(t.path, tag), dev)  # noqa: B023 - used in this iteration
         if t.kind == "ssf":
-            w, b = rlrr.fold_ssf(m.weight, m.bias, get("ssf_scale"), get("ssf_shift"))
+            w, b = rlrr.fold_ssf(m.weight, m.bias, get(SSF_SCALE), get(SSF_SHIFT))
         else:
-            l = get("rlrr_l") if config.left else None
-            c = get("rlrr_c") if config.right else None
+            l = get(RLRR_L) if config.left else None
+            c = get(RLRR_C) if config.right else None
             w = rlrr.rescale_weight(m.weight, l, c, config.residual)
             b = m.bias
-            if b is not None and f"{t.path}.rlrr_s" in tensors:
-                b = b + get("rlrr_s").to(b.dtype)
+            if b is not None and tensor_name(t.path, RLRR_S) in tensors:
+                b = b + get(RLRR_S).to(b.dtype)
         yield f"{t.path}.weight", w
         if b is not None:
             yield f"{t.path}.bias", b
     ref = next(backbone.parameters())
-    for name in ("head.weight", "head.bias"):
+    for name in HEAD_NAMES:
         yield name, _need(tensors, name, ref.device).to(ref.dtype)
 
 
 def _need(tensors: Mapping[str, torch.Tensor], name: str, device: torch.device | None) -> torch.Tensor:
     if name not in tensors:
-        raise ValueError(f"adapter tensor '{name}' is missing")
+        raise AdapterShapeError(f"adapter tensor '{name}' is missing")
     return tensors[name].to(device) if device is not None else tensors[name]
 
 
@@ -102,9 +105,7 @@ def merge_rlrr(model: nn.Module) -> nn.Module:
     Args:
         model: A model wrapped by `add_rlrr`.
     """
-    if not hasattr(model, "rlrr_config"):
-        raise ValueError("model has no RLRR adapter (add_rlrr was not called on it)")
-    config = model.rlrr_config
+    config = wrapped_config(model)
     tensors = adapter_state_dict(model)
     plain = unwrap(copy.deepcopy(model))  # deep copy first: the input's wrappers stay in place
     folded = fold_adapter(plain, tensors, config)
@@ -153,7 +154,7 @@ def check_bounds(
         limit: Largest |value| accepted.
 
     Raises:
-        ValueError: Naming the first offending tensor and why.
+        AdapterValueError: Naming the first offending tensor and why.
     """
     peaks = {}
     for name, value in tensors.items():
@@ -163,13 +164,13 @@ def check_bounds(
         peak = value.abs().max().item() if value.numel() and finite else 0.0
         if not finite or peak > limit:
             what = "non-finite values" if not finite else f"|value| up to {peak:.3g}"
-            raise ValueError(f"adapter tensor '{name}' has {what}, beyond the {limit:g} a trained adapter stays "
+            raise AdapterValueError(f"adapter tensor '{name}' has {what}, beyond the {limit:g} a trained adapter stays "
                              "within: its outputs would not be finite")
         peaks[name] = peak
     room = torch.finfo(dtype).max
     for path, w_max in bounds.items():
-        l_max = peaks.get(f"{path}.rlrr_l", 1.0) if config.left else 1.0
-        c_max = peaks.get(f"{path}.rlrr_c", 1.0) if config.right else 1.0
+        l_max = peaks.get(tensor_name(path, RLRR_L), 1.0) if config.left else 1.0
+        c_max = peaks.get(tensor_name(path, RLRR_C), 1.0) if config.right else 1.0
         bound = w_max * ((1.0 if config.residual else 0.0) + l_max * c_max)
         if bound > room / 1e3:  # headroom for the dot product's sum (≤ in_features terms of order 1)
-            raise ValueError(f"folded weights of '{path}' could reach {bound:.3g}, beyond what {dtype} holds")
+            raise AdapterValueError(f"folded weights of '{path}' could reach {bound:.3g}, beyond what {dtype} holds")

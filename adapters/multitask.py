@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from . import rlrr
 from .config import RLRRConfig
-from .inject import Target, adapter_shapes, base_module, feature_dim, plan_targets
+from .errors import AdapterModelError, AdapterShapeError, UnknownTaskError
+from .inject import Target, adapter_shapes, base_module, plan_targets
+from .names import HEAD_NAMES, RLRR_C, RLRR_L, RLRR_S, SSF_SCALE, SSF_SHIFT, tensor_name
 from .packed import PackedTensors
 
 __all__ = ["MultiTaskViT"]
@@ -71,7 +73,8 @@ class _Task:
 
     @property
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source["head.weight"], self.source["head.bias"]
+        weight, bias = HEAD_NAMES
+        return self.source[weight], self.source[bias]
 
     def value(self, path: str, tag: str) -> torch.Tensor:
         e = self.plan[path][tag]
@@ -250,17 +253,17 @@ class MultiTaskViT(nn.Module):
     forward.
     """
 
-    def __init__(self, backbone: nn.Module, layout: RLRRConfig | None = None, fused: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, widest: RLRRConfig | None = None, fused: bool = True) -> None:
         """
         Args:
             backbone: A plain timm VisionTransformer (frozen; shared with the caller).
-            layout: The widest set of targets a task may use; the RLRR default when None.
+            widest: The widest set of targets a task may use; the RLRR default when None.
             fused: Segmented mode on CUDA uses the Triton kernel when it is importable.
         """
         super().__init__()
         self.fused = fused
-        self.layout = layout or RLRRConfig()
-        self._targets = {t.path: t for t in plan_targets(backbone, self.layout)}
+        self.widest = widest or RLRRConfig()
+        self._targets = {t.path: t for t in plan_targets(backbone, self.widest)}
         self._rows = _Rows()
         self.model = _share_structure(backbone).eval().requires_grad_(False)
         for t in self._targets.values():
@@ -282,7 +285,7 @@ class MultiTaskViT(nn.Module):
         try:
             return self._snap.names.index(name)
         except ValueError:
-            raise KeyError(f"unknown task {name!r}; loaded: {list(self._snap.names)}") from None
+            raise UnknownTaskError(f"unknown task {name!r}; loaded: {list(self._snap.names)}") from None
 
     def add_task(self, name: str, tensors: Mapping[str, torch.Tensor], config: RLRRConfig, num_classes: int) -> None:
         """Add (or replace) a task.
@@ -291,7 +294,7 @@ class MultiTaskViT(nn.Module):
             name: Task name.
             tensors: The adapter's tensors (head included). A loaded adapter's `PackedTensors` on
                 the model's device and dtype is kept as is (no copy); anything else is packed.
-            config: The adapter's configuration; its targets must be within the layout.
+            config: The adapter's configuration; its targets must be within `widest`.
             num_classes: Classes of its head.
         """
         self._check(tensors, config, num_classes)
@@ -309,7 +312,7 @@ class MultiTaskViT(nn.Module):
     def remove_task(self, name: str) -> None:
         with self._lock:
             if name not in self._tasks:
-                raise KeyError(f"unknown task {name!r}")
+                raise UnknownTaskError(f"unknown task {name!r}")
             del self._tasks[name]
             self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
 
@@ -337,11 +340,11 @@ class MultiTaskViT(nn.Module):
         for key, shape in shapes.items():
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 got = None if key not in tensors else tuple(tensors[key].shape)
-                raise ValueError(f"adapter tensor '{key}': expected shape {shape}, got {got}")
+                raise AdapterShapeError(f"adapter tensor '{key}': expected shape {shape}, got {got}")
         own = {t.path: t for t in plan_targets(self.model, config)}
         outside = [p for p, t in own.items() if self._targets.get(p, Target("", "")).kind != t.kind]
         if outside:
-            raise ValueError(f"adapter targets {outside[:3]} are outside this server's layout")
+            raise AdapterModelError(f"adapter targets {outside[:3]} are outside this server's widest targets")
 
     def _plan(self, config: RLRRConfig) -> tuple[_Plan, _Folds]:
         """The canonical form of a config's tasks (made once per config, shared by its tasks)."""
@@ -359,8 +362,8 @@ class MultiTaskViT(nn.Module):
             if t.kind == "ssf":
                 d = m.weight.shape[0]
                 used = path in own
-                plan[path] = {"scale": _Entry(f"{path}.ssf_scale") if used else const(1.0, d),
-                              "shift": _Entry(f"{path}.ssf_shift") if used else const(0.0, d)}
+                plan[path] = {"scale": _Entry(tensor_name(path, SSF_SCALE)) if used else const(1.0, d),
+                              "shift": _Entry(tensor_name(path, SSF_SHIFT)) if used else const(0.0, d)}
                 continue
             out_f, in_f = m.out_features, m.in_features
             folds[path] = _Fold(identity=path not in own, residual=config.residual or path not in own)
@@ -370,12 +373,13 @@ class MultiTaskViT(nn.Module):
                 continue
             c = const(1.0, t.groups, in_f)
             if config.right:  # one shared column vector (split_qkv off) serves every q/k/v slice alike
-                c = _Entry(f"{path}.rlrr_c", expand=(t.groups, in_f) if own[path].groups != t.groups else None)
+                c = _Entry(tensor_name(path, RLRR_C), expand=(t.groups, in_f) if own[path].groups != t.groups else None)
             plan[path] = {
                 "a": const(1.0 if config.residual else 0.0),
-                "l": _Entry(f"{path}.rlrr_l") if config.left else const(1.0, out_f),
+                "l": _Entry(tensor_name(path, RLRR_L)) if config.left else const(1.0, out_f),
                 "c": c,
-                "s": _Entry(f"{path}.rlrr_s") if config.bias_shift and m.bias is not None else const(0.0, out_f),
+                "s": (_Entry(tensor_name(path, RLRR_S)) if config.bias_shift and m.bias is not None
+                      else const(0.0, out_f)),
             }
         with self._lock:
             return self._plans.setdefault(config, (plan, folds))
@@ -449,13 +453,9 @@ class MultiTaskViT(nn.Module):
             index = {n: i for i, n in enumerate(snap.names)}
             unknown = sorted(set(task_ids) - set(index))
             if unknown:
-                raise KeyError(f"unknown tasks {unknown}; loaded: {list(snap.names)}")
+                raise UnknownTaskError(f"unknown tasks {unknown}; loaded: {list(snap.names)}")
             task_ids = torch.tensor([index[n] for n in task_ids])
         ids_cpu = task_ids.to("cpu", torch.long)
         if ids_cpu.numel() != batch or ids_cpu.min() < 0 or ids_cpu.max() >= len(snap.names):
             raise ValueError(f"task_ids must hold {batch} indices in [0, {len(snap.names)})")
         return ids_cpu
-
-    @property
-    def feature_dim(self) -> int:
-        return feature_dim(self.model)

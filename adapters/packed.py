@@ -17,9 +17,11 @@ from collections.abc import Iterator, Mapping
 import torch
 from safetensors import safe_open
 
+from .names import HEAD_NAMES
+
 __all__ = ["PackedTensors", "SEPARATE"]
 
-SEPARATE = ("head.weight", "head.bias")  # kept as their own tensors: their shapes differ per task
+SEPARATE = HEAD_NAMES  # kept as their own tensors: their shapes differ per task
 _Layout = dict[str, tuple[int, int, torch.Size]]  # name -> (offset, numel, shape) in the flat buffer
 _LAYOUTS: dict[tuple, _Layout] = {}  # interned: one object per distinct (names, shapes)
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

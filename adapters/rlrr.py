@@ -15,29 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["row_col_factor", "rescale_weight", "rescale_weight_into",
-           "grouped_linear", "rescaled_linear", "ssf", "fold_ssf"]
-
-
-def row_col_factor(l: torch.Tensor | None, c: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """The rank-one (per row group) factor l cᵀ, broadcastable to (out, in).
-
-    Args:
-        l: Row vector (out,), or None for ones.
-        c: Column vectors (g, in), or None for ones.
-        out_features: Rows of the weight; must be divisible by g.
-    """
-    if l is None and c is None:
-        raise ValueError("at least one of l and c is needed")
-    factor = torch.ones((), dtype=torch.float32)
-    if c is not None:
-        groups = c.shape[0]
-        if out_features % groups:
-            raise ValueError(f"{out_features} rows do not split into {groups} column-vector groups")
-        factor = c.float().repeat_interleave(out_features // groups, dim=0)  # (out, in)
-    if l is not None:
-        factor = l.float()[:, None] * factor  # (out, 1) or (out, in)
-    return factor
+__all__ = ["rescale_weight", "rescale_weight_into", "grouped_linear", "rescaled_linear", "ssf", "fold_ssf"]
 
 
 def rescale_weight(

@@ -50,16 +50,8 @@ _INTERPRET_META = dict(BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check_args(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        l: torch.Tensor,
-        c: torch.Tensor,
-        s: torch.Tensor | None,
-        a: torch.Tensor,
-        offsets: Sequence[int],
-) -> tuple[int, int, int, int, int]:
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor, c: torch.Tensor,
+                s: torch.Tensor | None, a: torch.Tensor, offsets: Sequence[int]) -> tuple[int, int, int, int, int]:
     """Validate shapes, dtypes, devices and offsets; return (M, in, out, U, g)."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"x and weight must be 2-D, got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
@@ -95,16 +87,9 @@ def _check_args(
     return m, in_f, out_f, u, g
 
 
-def segmented_rescaled_linear_reference(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        l: torch.Tensor,
-        c: torch.Tensor,
-        s: torch.Tensor | None,
-        a: torch.Tensor,
-        offsets: Sequence[int],
-) -> torch.Tensor:
+def segmented_rescaled_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                        l: torch.Tensor, c: torch.Tensor, s: torch.Tensor | None, a: torch.Tensor,
+                                        offsets: Sequence[int]) -> torch.Tensor:
     """The oracle: fold W' per segment in fp32 with `rescale_weight`, then F.linear in fp32.
 
     One fold (out × in) per non-empty segment and a host sync per segment to read a_u: a test

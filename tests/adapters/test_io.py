@@ -7,7 +7,18 @@ import torch
 from safetensors.torch import save_file
 
 import adapters.io as adapter_io
-from adapters import AdapterError, RLRRConfig, add_rlrr, load_adapter, merge_rlrr, save_adapter
+from adapters import (
+    AdapterError,
+    RLRRConfig,
+    add_rlrr,
+    install_adapter,
+    load_adapter,
+    merge_rlrr,
+    remove_adapter,
+    remove_stale_uploads,
+    save_adapter,
+    stale_uploads,
+)
 from adapters.io import CONFIG_NAME, WEIGHTS_NAME, _sha256
 
 
@@ -196,3 +207,117 @@ def test_loaded_tensors_are_packed_views_that_round_trip(trained, tmp_path: Path
     reloaded = load_adapter(again, backbone=base)
     assert reloaded.weights_sha256 == adapter.weights_sha256
     assert reloaded.tensors.layout is tensors.layout  # one layout object per (names, shapes)
+
+
+def adapter_bytes(model, tmp_path: Path, name: str = "src") -> tuple[bytes, bytes]:
+    out = save(model, tmp_path / "elsewhere" / name)
+    return (out / CONFIG_NAME).read_bytes(), (out / WEIGHTS_NAME).read_bytes()
+
+
+def test_install_validates_the_upload_before_it_replaces_the_task(trained, tmp_path: Path) -> None:
+    base, model = trained
+    store = tmp_path / "store"
+    old = save(model, store / "pets")
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    config, weights = adapter_bytes(model, tmp_path)
+    seen = []
+
+    def validate(folder: Path) -> None:
+        assert folder.parent == store and folder.name.startswith(".upload-pets-")
+        assert (old / WEIGHTS_NAME).read_bytes() != weights  # the served task is untouched meanwhile
+        seen.append(load_adapter(folder, backbone=base))
+
+    assert install_adapter(store, "pets", config, weights, validate=validate) == store / "pets"
+    assert len(seen) == 1 and sorted(os.listdir(store)) == ["pets"]
+    assert (store / "pets" / WEIGHTS_NAME).read_bytes() == weights
+    assert torch.equal(load_adapter(store / "pets", backbone=base).tensors["head.bias"], model.head.bias.detach())
+
+
+def test_install_that_fails_validation_leaves_nothing_behind(trained, tmp_path: Path) -> None:
+    base, model = trained
+    store = tmp_path / "store"
+    original = (save(model, store / "pets") / WEIGHTS_NAME).read_bytes()
+    config, weights = adapter_bytes(model, tmp_path)
+
+    def refuse(folder: Path) -> None:
+        raise AdapterError("not for this backbone")
+
+    with pytest.raises(AdapterError, match="not for this backbone"):
+        install_adapter(store, "pets", config, weights, validate=refuse)
+    with pytest.raises(AdapterError, match="not valid JSON"):  # a real check: the upload is garbage
+        install_adapter(store, "ants", b"{", weights, validate=load_adapter)
+    assert sorted(os.listdir(store)) == ["pets"] and stale_uploads(store) == []
+    assert (store / "pets" / WEIGHTS_NAME).read_bytes() == original
+
+
+def test_crash_mid_install_keeps_the_old_adapter_and_leaves_a_stale_upload(trained, tmp_path: Path) -> None:
+    base, model = trained
+    store = tmp_path / "store"
+    original = (save(model, store / "pets") / WEIGHTS_NAME).read_bytes()
+    config, weights = adapter_bytes(model, tmp_path)
+    pid = os.fork()
+    if pid == 0:  # the child dies after the upload is written, before the rename: no cleanup runs
+        install_adapter(store, "pets", config, b"new " + weights, validate=lambda folder: os._exit(0))
+        os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert (store / "pets" / WEIGHTS_NAME).read_bytes() == original
+    stale = stale_uploads(store)
+    assert [p.name.startswith(".upload-pets-") for p in stale] == [True]
+    assert (stale[0] / WEIGHTS_NAME).read_bytes() == b"new " + weights
+    assert remove_stale_uploads(store) == stale and sorted(os.listdir(store)) == ["pets"]
+    load_adapter(store / "pets", backbone=base)
+
+
+def test_stale_uploads_lists_only_what_interrupted_writes_leave(tmp_path: Path) -> None:
+    stale = [".upload-pets-x1", ".pets.tmp-x2", ".pets.old-12-ab", ".pets.deleted-12-cd"]
+    kept = ["pets", "ants.old-1", ".hidden", ".pets.older", "upload-x"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+    (tmp_path / ".dtd.deleted-3-ef").symlink_to(tmp_path / "pets")  # left by a removal that crashed
+    assert stale_uploads(tmp_path) == sorted(tmp_path / n for n in [*stale, ".dtd.deleted-3-ef"])
+    remove_stale_uploads(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    assert stale_uploads(tmp_path / "no-store") == []
+
+
+def test_remove_adapter_is_one_rename_then_a_delete(trained, tmp_path: Path) -> None:
+    _, model = trained
+    store = tmp_path / "store"
+    save(model, store / "pets")
+    assert remove_adapter(store, "pets") is True
+    assert os.listdir(store) == []
+    assert remove_adapter(store, "pets") is False
+
+
+def test_symlinked_task_removal_removes_the_link_only(trained, tmp_path: Path) -> None:
+    base, model = trained
+    store = tmp_path / "store"
+    target = save(model, tmp_path / "shared" / "pets")
+    store.mkdir()
+    (store / "pets").symlink_to(target, target_is_directory=True)
+    assert remove_adapter(store, "pets") is True
+    assert os.listdir(store) == []  # no '.pets.deleted-*' link left behind
+    load_adapter(target, backbone=base)  # what the link pointed to is kept
+
+
+def test_install_over_a_symlinked_task_replaces_the_link_only(trained, tmp_path: Path) -> None:
+    _, model = trained
+    store = tmp_path / "store"
+    target = save(model, tmp_path / "shared" / "pets")
+    before = (target / WEIGHTS_NAME).read_bytes()
+    store.mkdir()
+    (store / "pets").symlink_to(target, target_is_directory=True)
+    config, weights = adapter_bytes(model, tmp_path)
+    install_adapter(store, "pets", config, b"x" + weights)
+    assert not (store / "pets").is_symlink() and os.listdir(store) == ["pets"]
+    assert (target / WEIGHTS_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["", ".pets", "a/b", "..", " pets"])
+def test_install_and_remove_refuse_names_that_are_not_one_visible_folder(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="one plain, visible folder name"):
+        install_adapter(tmp_path, name, b"{}", b"")
+    with pytest.raises(ValueError, match="one plain, visible folder name"):
+        remove_adapter(tmp_path, name)
+    assert os.listdir(tmp_path) == []

@@ -1,7 +1,7 @@
 """Task table: the recipe's 19 VTAB-1k and 5 FGVC tasks, plus user tasks from a TOML file.
 
 A task is a recipe (lr, weight decay, drop path, flip, epochs, preprocessing) and where its data
-lives. Command-line flags override a task's fields afterwards (see `trainer/__main__.py`).
+lives. Command-line flags override a task's fields afterwards (see `trainer/config.py`).
 
 A task file defines user tasks and overrides built-in ones (paths relative to the file):
 

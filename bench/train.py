@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,21 @@ def measure(method: str, backbone: str, batch_size: int, steps: int, warmup: int
     def step() -> None:
         train_step(model, optimizer, scaler, images, labels, amp_dtype)  # the trainer's step, GradScaler included
 
+    times, memory = _timed(step, dev, warmup, steps)
+    return {
+        "method": method, "backbone": backbone, "batch_size": batch_size, "img_size": size,
+        "device": str(dev), "precision": str(amp_dtype or "fp32"), "threads": torch.get_num_threads(),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+        "step_ms": 1000 * statistics.median(times), "step_ms_min": 1000 * min(times),
+        **memory,
+    }
+
+
+def _timed(step: Callable[[], None], dev: Any, warmup: int, steps: int) -> tuple[list[float], dict[str, Any]]:
+    """Seconds of each timed step, and the peak memory of all of them (see the module docstring)."""
+    import torch
+
     rss_before = _rss_mib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -91,21 +107,10 @@ def measure(method: str, backbone: str, batch_size: int, steps: int, warmup: int
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        peak_kind = "cuda max_memory_allocated (MiB)"
-        extra = {"model_mib": base / 2**20}
-    else:
-        peak = _peak_rss_mib() - rss_before
-        peak_kind = "peak RSS growth during training (MiB)"
-        extra = {"rss_before_mib": rss_before}
-    return {
-        "method": method, "backbone": backbone, "batch_size": batch_size, "img_size": size,
-        "device": str(dev), "precision": str(amp_dtype or "fp32"), "threads": torch.get_num_threads(),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in model.parameters()),
-        "step_ms": 1000 * statistics.median(times), "step_ms_min": 1000 * min(times),
-        "peak_mib": peak, "peak_kind": peak_kind, **extra,
-    }
+        return times, {"peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20,
+                       "peak_kind": "cuda max_memory_allocated (MiB)", "model_mib": base / 2**20}
+    return times, {"peak_mib": _peak_rss_mib() - rss_before, "peak_kind": "peak RSS growth during training (MiB)",
+                   "rss_before_mib": rss_before}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

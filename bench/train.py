@@ -4,9 +4,10 @@
     python bench/train.py --backbone vit_base_patch16_224 --batch-size 32 --steps 20   # on a GPU
     python bench/train.py --json                                 # one JSON line per method
 
-One invocation measures every method with the same backbone, batch, input and optimizer step as
-`python -m trainer` (AdamW with the trainer's decay groups, autocast on CUDA). Each method runs in
-its own fresh process, so peak memory is not polluted by the previous one: on CUDA it is
+One invocation measures every method with the same backbone, batch and input, and the optimizer
+and step of `python -m trainer` (`trainer.optim.adamw` with the trainer's decay groups;
+`trainer.loop.train_step`: autocast on CUDA, fp32 cross-entropy, GradScaler for fp16). Each method
+runs in its own fresh process, so peak memory is not polluted by the previous one: on CUDA it is
 `max_memory_allocated` during the timed steps; on CPU the growth of peak RSS over the process's
 size before the first step (activations, gradients and optimizer state). Weights are random
 (pretrained=False): cost does not depend on their values.
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,35 +54,45 @@ def measure(method: str, backbone: str, batch_size: int, steps: int, warmup: int
     """
     import timm
     import torch
-    import torch.nn.functional as F
 
     from adapters import RLRRConfig, add_rlrr
-    from trainer.loop import param_groups
+    from trainer.loop import train_step
+    from trainer.optim import adamw
+    from trainer.run import grad_scaler, resolve_device
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    dev = torch.device(device)
+    dev, amp_dtype = resolve_device(device)
     model = timm.create_model(backbone, pretrained=False, drop_path_rate=0.1)
     if method == "full":
         model.reset_classifier(num_classes)
     else:
         add_rlrr(model, RLRRConfig.preset(method), num_classes)
     model.to(dev).train()
-    amp_dtype = None
-    if dev.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    optimizer = adamw(model, lr=1e-3, weight_decay=0.05)
+    scaler = grad_scaler(dev, amp_dtype)
     size = model.pretrained_cfg["input_size"][-1]
     images = torch.randn(batch_size, 3, size, size, device=dev)
     labels = torch.randint(0, num_classes, (batch_size,), device=dev)
 
     def step() -> None:
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, scaler, images, labels, amp_dtype)  # the trainer's step, GradScaler included
+
+    times, memory = _timed(step, dev, warmup, steps)
+    return {
+        "method": method, "backbone": backbone, "batch_size": batch_size, "img_size": size,
+        "device": str(dev), "precision": str(amp_dtype or "fp32"), "threads": torch.get_num_threads(),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+        "step_ms": 1000 * statistics.median(times), "step_ms_min": 1000 * min(times),
+        **memory,
+    }
+
+
+def _timed(step: Callable[[], None], dev: Any, warmup: int, steps: int) -> tuple[list[float], dict[str, Any]]:
+    """Seconds of each timed step, and the peak memory of all of them (see the module docstring)."""
+    import torch
 
     rss_before = _rss_mib()
     if dev.type == "cuda":
@@ -95,21 +107,10 @@ def measure(method: str, backbone: str, batch_size: int, steps: int, warmup: int
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-        peak_kind = "cuda max_memory_allocated (MiB)"
-        extra = {"model_mib": base / 2**20}
-    else:
-        peak = _peak_rss_mib() - rss_before
-        peak_kind = "peak RSS growth during training (MiB)"
-        extra = {"rss_before_mib": rss_before}
-    return {
-        "method": method, "backbone": backbone, "batch_size": batch_size, "img_size": size,
-        "device": str(dev), "precision": str(amp_dtype or "fp32"), "threads": torch.get_num_threads(),
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total": sum(p.numel() for p in model.parameters()),
-        "step_ms": 1000 * statistics.median(times), "step_ms_min": 1000 * min(times),
-        "peak_mib": peak, "peak_kind": peak_kind, **extra,
-    }
+        return times, {"peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20,
+                       "peak_kind": "cuda max_memory_allocated (MiB)", "model_mib": base / 2**20}
+    return times, {"peak_mib": _peak_rss_mib() - rss_before, "peak_kind": "peak RSS growth during training (MiB)",
+                   "rss_before_mib": rss_before}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

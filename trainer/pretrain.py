@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from adapters.backbones import PICO_NAME, PICO_WEIGHTS
-from trainer.mini_vtab import PRETRAIN_CLASSES, extract_shared
+
+from .mini_vtab import PRETRAIN_CLASSES, extract_shared
+from .optim import adamw, lr_at, set_lr
 
 
 def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict
     return correct / len(x)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m trainer pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -71,7 +72,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=PICO_WEIGHTS.parent)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def fit(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+        cfg: dict, args: argparse.Namespace, gen: torch.Generator) -> None:
+    """AdamW with the trainer's decay groups; lr warmup from 0, then cosine to 0, stepped per iteration.
+
+    Args:
+        model: The backbone being pretrained (trained in place).
+        train: uint8 images and labels to train on.
+        test: uint8 images and labels, evaluated every 5 epochs and at the end.
+        cfg: The model's mean and std.
+        args: Parsed `build_parser` options.
+        gen: The generator of shuffling and augmentation.
+    """
+    (x_train, y_train), (x_test, y_test) = train, test
+    opt = adamw(model, args.lr, args.weight_decay)
+    steps_per_epoch = len(x_train) // args.batch_size
+    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    step, t0 = 0, time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        running = 0.0
+        for k in range(steps_per_epoch):
+            idx = perm[k * args.batch_size:(k + 1) * args.batch_size]
+            x = normalize(augment(x_train[idx], gen), cfg)
+            set_lr(opt, lr_at(step, total, warmup, args.lr, warmup_lr=0.0, min_lr=0.0))
+            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.item()  # sync point, but CPU-only: free
+            step += 1
+        acc = accuracy(model, x_test, y_test, cfg) if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs else float("nan")
+        print(f"epoch {epoch + 1}/{args.epochs} loss {running / steps_per_epoch:.4f} test_acc {acc:.4f} "
+              f"elapsed {time.time() - t0:.0f}s", flush=True)
+
+
+def save(model: torch.nn.Module, out: Path, card: dict) -> Path:
+    """Write the fp16 weights (atomically) and the model card beside them; returns the weights file.
+
+    Args:
+        model: The pretrained backbone.
+        out: The folder.
+        card: The model card; its `bytes` is filled in here.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / PICO_WEIGHTS.name
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    card["bytes"] = weights.stat().st_size
+    (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     # The resolved command (defaults included), so the model card reproduces the run by itself.
     command = "python -m trainer pretrain " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
@@ -90,47 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test = load_split("test")
     print(f"data: {len(x_train)} train / {len(x_test)} test images decoded in {time.time() - t0:.0f}s")
 
-    # optimizer and schedule: AdamW, linear warmup then cosine, stepped per iteration
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n
-                                                               and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    steps_per_epoch = len(x_train) // args.batch_size
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    def lr_at(s: int) -> float:
-        if s < warmup:
-            return args.lr * s / warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-
-    # loop
-    step, t0 = 0, time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        running = 0.0
-        for k in range(steps_per_epoch):
-            idx = perm[k * args.batch_size:(k + 1) * args.batch_size]
-            x = normalize(augment(x_train[idx], gen), cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item()  # sync point, but CPU-only: free
-            step += 1
-        acc = accuracy(model, x_test, y_test, cfg) if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs else float("nan")
-        print(f"epoch {epoch + 1}/{args.epochs} loss {running / steps_per_epoch:.4f} test_acc {acc:.4f} "
-              f"elapsed {time.time() - t0:.0f}s", flush=True)
-
-    # save: fp16 weights + model card
-    test_acc = accuracy(model, x_test, y_test, cfg)
-    args.out.mkdir(parents=True, exist_ok=True)
-    weights = args.out / PICO_WEIGHTS.name
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
+    # train, then save: fp16 weights + model card
+    t0 = time.time()
+    fit(model, (x_train, y_train), (x_test, y_test), cfg, args, gen)
     card = {
         "model": PICO_NAME,
         "description": "pretrained in-house on 5 CIFAR-10 classes (NOT an ImageNet model)",
@@ -139,15 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         "resolution": 32,
         "train_images": len(x_train),
         "test_images": len(x_test),
-        "test_top1": round(test_acc, 4),
+        "test_top1": round(accuracy(model, x_test, y_test, cfg), 4),
         "epochs": args.epochs,
         "seed": args.seed,
         "recipe": {k: v for k, v in vars(args).items() if k != "out"},
         "minutes": round((time.time() - t0) / 60, 1),
-        "bytes": weights.stat().st_size,
+        "bytes": None,
         "command": command,
     }
-    (args.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    save(model, args.out, card)
     print(json.dumps(card, indent=2))
     return 0
 

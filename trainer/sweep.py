@@ -27,6 +27,7 @@ from typing import Any
 
 from adapters import AdapterError, load_adapter, save_adapter
 
+from .config import TrainConfig, add_train_arguments, config_from_args
 from .errors import ConfigError, StoreError, TrainerError
 
 # Grid keys on the command line -> TrainConfig fields.
@@ -69,8 +70,6 @@ def parse_grid(items: list[str]) -> dict[str, list[float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .__main__ import add_train_arguments
-
     p = argparse.ArgumentParser(prog="python -m trainer sweep",
                                 description="Grid-search hyper-parameters as Ray Tune trials; keep the best on val.")
     add_train_arguments(p)
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def grid_configs(base: Any, grid: dict[str, list[float]]) -> list[dict[str, float]]:
+def grid_configs(base: TrainConfig, grid: dict[str, list[float]]) -> list[dict[str, float]]:
     """Every grid point, each checked as a TrainConfig now (not in a trial an hour later).
 
     Args:
@@ -96,7 +95,7 @@ def grid_configs(base: Any, grid: dict[str, list[float]]) -> list[dict[str, floa
     return points
 
 
-def _absolute(cfg: Any, root: Path) -> Any:
+def _absolute(cfg: TrainConfig, root: Path) -> TrainConfig:
     # Trials run in their own working directories (and maybe on other nodes sharing these paths).
     def resolve(p: str | None) -> str | None:
         return None if p is None else str(Path(p).expanduser().resolve())
@@ -105,7 +104,7 @@ def _absolute(cfg: Any, root: Path) -> Any:
                                store=str(root / "unused-store"), run_dir=None, resume=False, stop_after=None)
 
 
-def _trial(point: dict[str, float], base: Any, root: Path) -> dict[str, Any]:
+def _trial(point: dict[str, float], base: TrainConfig, root: Path) -> dict[str, Any]:
     """One Ray Tune trial: train the grid point into its own store and run folder; report val metrics.
 
     Args:
@@ -130,7 +129,7 @@ def _trial(point: dict[str, float], base: Any, root: Path) -> dict[str, Any]:
     return report
 
 
-def run_grid(base: Any, points: list[dict[str, float]], root: Path, resources: dict[str, float]) -> list[dict]:
+def run_grid(base: TrainConfig, points: list[dict[str, float]], root: Path, resources: dict[str, float]) -> list[dict]:
     """Run the trials on Ray Tune; one row per grid point: its values, val metrics, adapter folder.
 
     Args:
@@ -214,7 +213,7 @@ def _cell(value: Any) -> str:
     return f"{'-':>14}" if value is None else f"{value:>14.4g}"
 
 
-def _has_val(cfg: Any) -> bool:
+def _has_val(cfg: TrainConfig) -> bool:
     from .data import load_task_data
 
     return bool(load_task_data(cfg.task, cfg.data_root, cfg.format, cfg.holdout_val).splits.get("val"))
@@ -228,8 +227,6 @@ def sweep(args: argparse.Namespace) -> Path:
     """
     import ray
     import torch
-
-    from .__main__ import config_from_args
 
     if args.resume or args.stop_after:
         raise ConfigError("sweep trials always run to the end: --resume/--stop-after do not apply")

@@ -1,7 +1,7 @@
 """Task table: the recipe's 19 VTAB-1k and 5 FGVC tasks, plus user tasks from a TOML file.
 
 A task is a recipe (lr, weight decay, drop path, flip, epochs, preprocessing) and where its data
-lives. Command-line flags override a task's fields afterwards (see `trainer/__main__.py`).
+lives. Command-line flags override a task's fields afterwards (see `trainer/config.py`).
 
 A task file defines user tasks and overrides built-in ones (paths relative to the file):
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,12 @@ BUILTIN_TASKS: dict[str, Task] = {t.name: t for t in (
     _fgvc("stanford_dogs", 120, 1e-4, 5e-2, 0.0, ("Stanford-dogs", "StanfordDogs", "stanford_dogs")),
 )}
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "num_classes": (int,), "lr": (int, float), "weight_decay": (int, float), "drop_path": (int, float),
-    "hflip": (bool,), "epochs": (int,), "warmup_epochs": (int, float), "batch_size": (int,),
-    "transform": (str,), "format": (str,), "data_dirs": (list,), "data_root": (str,),
-}
+def _toml_types(annotation: Any) -> tuple[type, ...]:
+    """The TOML values a Task field accepts, from its annotation: `float` takes 1 too, a tuple a list."""
+    if typing.get_origin(annotation) is tuple:
+        return (list,)
+    kind = next(a for a in typing.get_args(annotation) or (annotation,) if a is not type(None))  # X | None -> X
+    return (int, float) if kind is float else (kind,)
 
 
 def _check_fields(table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def _check_fields(table: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in table.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-        types = _FIELD_TYPES[key]
+        types = _toml_types(typing.get_type_hints(Task)[key])
         # bool is an int in Python; refuse `epochs = true` all the same.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ConfigError(f"{where}: '{key}' must be {' or '.join(t.__name__ for t in types)}, "

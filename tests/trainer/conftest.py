@@ -78,14 +78,27 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def _require_shared(archive: str) -> Path:
+    """The shared archive's path; skips the test, saying why, when the data folder or archive is absent."""
+    src = SHARED_DATA / archive
+    if not src.is_file():
+        pytest.skip(f"{src} is missing: this test needs the real-image archives of ../shared/data "
+                    "(or RLRR_SHARED_DATA)")
+    return src
+
+
+@pytest.fixture(scope="session")
+def shared_cifar10() -> Path:
+    """../shared/data/cifar10-jpeg.tar.gz (skips without it), read through trainer.mini_vtab."""
+    return _require_shared("cifar10-jpeg.tar.gz")
+
+
 def _extract(archive: str, name: str, keep: Callable[[list[str]], bool]) -> Path:
     """Extract members of a shared archive for which keep(parts) holds into CACHE/name, once."""
     out = CACHE / name
     if (out / ".done").exists():
         return out
-    src = SHARED_DATA / archive
-    if not src.is_file():
-        pytest.fail(f"{src} is missing: the trainer tests need the shared real-image archives")
+    src = _require_shared(archive)
     tmp = CACHE / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with tarfile.open(src) as tf:

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapters import RLRRConfig, adapter_shapes, load_adapter
-from trainer.__main__ import main
 from trainer.backbone import create_backbone
+from trainer.cli import main
 from trainer.data import ImageDataset, build_transform, load_task_data
 from trainer.loop import TrainConfig, TrainResult, train
 from trainer.tasks import Task

@@ -11,7 +11,7 @@ from PIL import Image
 
 from adapters import RLRRConfig, adapter_state_dict, add_rlrr, load_adapter
 from trainer import plots
-from trainer.__main__ import main
+from trainer.cli import main
 from trainer.loop import TrainConfig, train
 from trainer.tasks import Task
 

@@ -1,5 +1,6 @@
 """The embedded in-house backbone: it loads offline through timm and is what its model card says."""
 import json
+from pathlib import Path
 
 import timm
 import torch
@@ -24,7 +25,7 @@ def test_embedded_weights_are_small_fp16_and_described() -> None:
     assert "in-house" in CARD["description"] and "python -m trainer pretrain" in CARD["command"]
 
 
-def test_embedded_backbone_loads_offline_and_matches_its_card() -> None:
+def test_embedded_backbone_loads_offline_and_matches_its_card(shared_cifar10: Path) -> None:
     # pretrained=True resolves to the file inside the package: no hub, no network (HF_HUB_OFFLINE=1).
     model = timm.create_model(PICO_NAME, pretrained=True).eval()
     assert model.num_classes == len(PRETRAIN_CLASSES)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.__main__ import main
+from trainer.cli import main
 
 
 def _args(tiny: Path, ckpt: Path, out: Path) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 import timm
 
 from adapters import RLRRConfig, add_rlrr
-from trainer.loop import MIN_LR, WARMUP_LR, lr_at, param_groups
+from trainer.optim import MIN_LR, WARMUP_LR, lr_at, param_groups
 
 
 def test_warmup_then_cosine_values() -> None:

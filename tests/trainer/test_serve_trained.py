@@ -16,7 +16,7 @@ from PIL import Image
 from adapters import load_adapter
 from app.main import create_app
 from app.settings import Settings
-from trainer.__main__ import main
+from trainer.cli import main
 
 
 @pytest.fixture(scope="module")

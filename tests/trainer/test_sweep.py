@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters import load_adapter
-from trainer.__main__ import main
+from trainer.cli import main
 from trainer.errors import ConfigError
 from trainer.sweep import format_table, parse_grid
 

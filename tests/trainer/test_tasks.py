@@ -27,10 +27,11 @@ def test_builtin_table_matches_recipe() -> None:
 
 def test_task_file_defines_and_overrides(tmp_path: Path) -> None:
     f = tmp_path / "tasks.toml"
-    f.write_text('[defaults]\nepochs = 7\n\n[tasks.ants]\ndata_root = "data/ants"\nlr = 0.01\nhflip = false\n\n'
-                 '[tasks.dtd]\nepochs = 3\nweight_decay = 0.1\n')
+    f.write_text('[defaults]\nepochs = 7\n\n[tasks.ants]\ndata_root = "data/ants"\nlr = 0.01\nhflip = false\n'
+                 'data_dirs = ["ants", "Ants"]\n\n[tasks.dtd]\nepochs = 3\nweight_decay = 0.1\n')
     tasks = load_task_file(f)
     assert tasks["ants"].epochs == 7 and tasks["ants"].lr == 0.01 and not tasks["ants"].hflip
+    assert tasks["ants"].data_dirs == ("ants", "Ants")
     assert Path(tasks["ants"].data_root) == (tmp_path / "data/ants").resolve()  # relative to the file
     assert tasks["dtd"].epochs == 3 and tasks["dtd"].weight_decay == 0.1
     assert tasks["dtd"].num_classes == 47 and tasks["dtd"].transform == "vtab"  # rest of the recipe kept
@@ -42,6 +43,9 @@ def test_task_file_defines_and_overrides(tmp_path: Path) -> None:
     ("[tasks.a]\nlearning_rate = 1\n", r"\[tasks.a\]: unknown key 'learning_rate'"),
     ("[tasks.a]\nepochs = 'ten'\n", r"'epochs' must be int"),
     ("[tasks.a]\nepochs = true\n", r"'epochs' must be int"),
+    ("[tasks.a]\nlr = '1e-3'\n", r"'lr' must be int or float"),
+    ("[tasks.a]\ndata_dirs = 'a'\n", r"'data_dirs' must be list"),
+    ("[tasks.a]\nformat = 3\n", r"'format' must be str"),
     ("[tasks.a]\ntransform = 'fancy'\n", r"transform must be one of"),
     ("[tasks.a\n", r"invalid TOML"),
     ("[task.a]\n", r"unknown top-level tables \['task'\]"),

@@ -12,12 +12,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from app.schemas import ErrorResponse
-
 log = logging.getLogger("app")
+
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: a one-line reason, plus fields some errors add."""
+
+    detail: str = Field(description="What is wrong, in one line.")
+    tasks: list[str] | None = Field(None, description="Unknown task (404): the tasks that are served.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Invalid parameters (422): one entry per problem, with `loc`, `msg` and `type`."
+    )
 
 
 class AppError(Exception):

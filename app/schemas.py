@@ -16,16 +16,6 @@ if TYPE_CHECKING:
     from app.tasks import LoadedTask
 
 
-class ErrorResponse(BaseModel):
-    """Every error answer: a one-line reason, plus fields some errors add."""
-
-    detail: str = Field(description="What is wrong, in one line.")
-    tasks: list[str] | None = Field(None, description="Unknown task (404): the tasks that are served.")
-    errors: list[dict[str, Any]] | None = Field(
-        None, description="Invalid parameters (422): one entry per problem, with `loc`, `msg` and `type`."
-    )
-
-
 class Prediction(BaseModel):
     """One class of a top-k answer."""
 

@@ -1,13 +1,17 @@
-"""Does running a mixed batch as one merged call per task cost more compute than one call?
+"""What does a mixed batch cost in compute, form by form, against one plain call?
 
     python bench/grouped_calls.py                       # vit_small_patch16_224, 16 images, 1 thread
     python bench/grouped_calls.py --groups 9 --threads 2
 
 In one process, with random backbone weights: the time of ONE `functional_call` on a batch of B
-images (the `single` scenario of bench/serve.py) against B calls of one image each, and against G
-calls of B/G images, every call with its own folded weight set (distinct tensors, as in the
-merged cache). Prints the fastest of `--repeats` runs of each and its ratio to the single call,
-so what the engine pays per task group is separated from the HTTP server around it.
+images (the `single` scenario of bench/serve.py: one cached fold) against
+- G / B calls of B/G / 1 images, each with its own folded weight set (a backbone copy per task),
+- one `MultiTaskViT` pass in `segmented` mode with 1, G and B task segments, every layer folded
+  just in time into a reused buffer (no copy of the backbone per task),
+- one pass in `unmerged` mode (the two-matmul form) with B tasks.
+Cases run interleaved (drift on a busy machine hits every case alike); prints the fastest of
+`--repeats` runs of each and its ratio to the single call, so what the engine pays per task group
+is separated from the HTTP server around it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import time
 import timm
 import torch
 from torch.func import functional_call
+
+from adapters import MultiTaskViT, RLRRConfig, adapter_state_dict, add_rlrr
 
 
 def main() -> None:
@@ -34,11 +40,21 @@ def main() -> None:
     weights = [{k: v + 0.0 for k, v in base.items()} for _ in range(args.batch)]  # distinct tensors per "task"
     x = torch.randn(args.batch, 3, *model.patch_embed.img_size)
     b, g = args.batch, args.groups
+    multi = MultiTaskViT(model)
+    template = add_rlrr(timm.create_model(args.backbone, pretrained=False), RLRRConfig(), 10)
+    adapter = adapter_state_dict(template)  # reference init: not the identity, as a trained task
+    for i in range(b):
+        multi.add_task(f"t{i}", {k: v + 0.01 * i for k, v in adapter.items()}, RLRRConfig(), 10)
+    segments = lambda n: [f"t{i * n // b}" for i in range(b)]  # noqa: E731 - rows sorted, n segments
     cases = {
         "1 call of B": lambda: functional_call(model, weights[0], (x,)),
         f"{g} calls of ~B/{g}": lambda: [functional_call(model, weights[i], (x[i * b // g:(i + 1) * b // g],))
                                          for i in range(g)],
         "B calls of 1": lambda: [functional_call(model, weights[i], (x[i:i + 1],)) for i in range(b)],
+        "segmented, 1 task": lambda: multi(x, segments(1), mode="segmented"),
+        f"segmented, {g} tasks": lambda: multi(x, segments(g), mode="segmented"),
+        "segmented, B tasks": lambda: multi(x, segments(b), mode="segmented"),
+        "unmerged, B tasks": lambda: multi(x, segments(b), mode="unmerged"),
     }
     best: dict[str, float] = {}
     with torch.inference_mode():
@@ -51,7 +67,7 @@ def main() -> None:
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     print(f"{args.backbone}, B={b}, {args.threads} thread(s), fastest of {args.repeats}")
     for name, seconds in best.items():
-        print(f"{name:18s} {seconds:7.3f} s   time / (1 call of B) = {seconds / best['1 call of B']:.3f}")
+        print(f"{name:20s} {seconds:7.3f} s   time / (1 call of B) = {seconds / best['1 call of B']:.3f}")
 
 
 if __name__ == "__main__":

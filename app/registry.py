@@ -128,12 +128,7 @@ class Registry:
                 raise
             task = validated[0]
             task.adapter.path = directory
-            old = self.tasks.get(name)
-            self.tasks[name] = task
-            self.skipped.pop(name, None)
-            self._publish()
-            if old is not None:
-                await self.engine.retire(old)
+            await self._serve(task)
             log.info("installed task %s (version %s)", name, task.version)
             return task
 
@@ -163,12 +158,7 @@ class Registry:
         directory = self._stored(name)
         async with self._lock:
             task = await self._load(name, directory)
-            old = self.tasks.get(name)
-            self.tasks[name] = task
-            self.skipped.pop(name, None)
-            self._publish()
-            if old is not None:
-                await self.engine.retire(old)
+            await self._serve(task)
         return task
 
     async def inspect(self, name: str) -> LoadedTask:
@@ -212,6 +202,15 @@ class Registry:
         except OSError:
             return None
         return tuple(x for st in stats for x in (st.st_ino, st.st_mtime_ns, st.st_size))
+
+    async def _serve(self, task: LoadedTask) -> None:
+        # Requests admitted with the version it replaces still finish with it (see Engine.retire).
+        old = self.tasks.get(task.name)
+        self.tasks[task.name] = task
+        self.skipped.pop(task.name, None)
+        self._publish()
+        if old is not None:
+            await self.engine.retire(old)
 
     def _stored(self, name: str) -> Path:
         directory = self.store / name

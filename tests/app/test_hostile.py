@@ -213,7 +213,7 @@ def test_request_pixel_budget_is_413_with_reason(make_settings, png) -> None:
 
 def test_memory_is_given_back_after_a_large_decode(client, png, monkeypatch) -> None:
     trims: list[bool] = []
-    monkeypatch.setattr(preprocess, "_trim_heap", lambda: trims.append(True))
+    monkeypatch.setattr(preprocess, "trim_heap", lambda: trims.append(True))
     monkeypatch.setattr(preprocess, "TRIM_ABOVE_PIXELS", 200 * 180 - 1)
     assert client.post("/classify?task=alpha", content=png(0, size=(100, 100)), headers=PNG).status_code == 200
     assert trims == []

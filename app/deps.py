@@ -8,12 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.batcher import Batcher
-from app.engine import BatchItem, Engine, TopK
 from app.errors import Forbidden, Unauthorized
 from app.metrics import Metrics
-from app.preprocess import Preprocessor
-from app.registry import Registry
+from app.service import Front, Service
 from app.settings import Settings
 
 
@@ -21,24 +18,16 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
+def get_front(request: Request) -> Front:
+    return request.app.state.service
 
 
-def get_registry(request: Request) -> Registry:
-    return request.app.state.registry
-
-
-def get_batcher(request: Request) -> Batcher[BatchItem, TopK]:
-    return request.app.state.batcher
-
-
-def get_preprocessor(request: Request) -> Preprocessor:
-    return request.app.state.preprocessor
+def get_service(request: Request) -> Service:
+    return request.app.state.service
 
 
 def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
+    return request.app.state.service.metrics
 
 
 # Declares the scheme in OpenAPI; the checks (and their 401/403 answers) are ours, below.
@@ -65,9 +54,7 @@ def require_admin(
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
-RegistryDep = Annotated[Registry, Depends(get_registry)]
-BatcherDep = Annotated[Batcher[BatchItem, TopK], Depends(get_batcher)]
-PreprocessorDep = Annotated[Preprocessor, Depends(get_preprocessor)]
+FrontDep = Annotated[Front, Depends(get_front)]  # the routes both front-ends mount
+ServiceDep = Annotated[Service, Depends(get_service)]  # the routes only the single server mounts
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AdminDep = Depends(require_admin)

@@ -1,47 +1,53 @@
-"""The FastAPI app: `create_app(settings)` and its lifespan.
+"""The FastAPI app: `create_app(settings)` and the factory both front-ends build their app with.
 
     python -m app                          # serve on :8000 with settings from RLRR_* env vars
     curl -H 'Content-Type: image/jpeg' --data-binary @cat.jpg 'localhost:8000/classify?task=pets'
 
-Start-up order: backbone -> adapters in the store -> warm-up -> ready. State lives on `app.state`.
+The lifespan starts the app's service (app.service: backbone -> adapters in the store -> warm-up ->
+ready) and closes it; the service lives on `app.state.service`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
-from app.batcher import Batcher
 from app.docs import install_docs
-from app.engine import BatchItem, Engine, TopK
 from app.errors import error_responses, install_handlers, unexpected
-from app.metrics import Metrics
-from app.preprocess import Preprocessor
-from app.registry import Registry
 from app.routes import classify, health, page, tasks, v2
+from app.service import Front, Service
 from app.settings import Settings
 
-log = logging.getLogger("app")
+ROUTERS = (classify.router, tasks.router, tasks.admin, health.router, v2.router, page.router)
 
 
-def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, metrics_registry: CollectorRegistry | None = None) -> FastAPI:
     """Build the service; nothing heavy happens until the lifespan starts.
 
     Args:
         settings: Service settings; read from RLRR_* env vars when None.
-        registry: Prometheus registry for the app's metrics; a fresh one when None.
+        metrics_registry: Prometheus registry for the app's metrics; a fresh one when None.
     """
-    settings = settings or Settings()
-    metrics = Metrics(registry)
+    return build_api(Service(settings or Settings(), metrics_registry), ROUTERS)
+
+
+def build_api(service: Front, routers: Iterable[APIRouter], title: str = "rlrr-serve",
+              summary: str = "One frozen ViT, many RLRR task adapters.") -> FastAPI:
+    """A FastAPI app over a service: its routes, error table, docs and request metrics.
+
+    Args:
+        service: What the routes call; started and closed by the app's lifespan.
+        routers: The routes to mount.
+        title: The API's title (OpenAPI, /v2).
+        summary: Its one-line summary.
+    """
     app = FastAPI(
-        title="rlrr-serve",
-        summary="One frozen ViT, many RLRR task adapters.",
+        title=title,
+        summary=summary,
         version="0.1.0",
         lifespan=_lifespan,
         responses=error_responses(500),
@@ -49,64 +55,23 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
+    app.state.settings, app.state.service = service.settings, service
     install_handlers(app)
     install_docs(app)
     app.middleware("http")(_record_request)
-    for module in (classify, tasks, health, v2, page):
-        app.include_router(module.router)
+    for router in routers:
+        app.include_router(router)
     return app
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
-    metrics: Metrics = app.state.metrics
-    engine = await asyncio.to_thread(Engine.from_settings, settings, metrics)
-    _announce(engine, metrics)
-    registry = Registry(settings.store, engine)
-    await registry.load_store()
-    log.info("serving %d task(s) from %s; %d skipped", len(registry.tasks), settings.store, len(registry.skipped))
-    if settings.warmup:
-        await engine.warm_up(list(registry.tasks.values()))
-    batcher: Batcher[BatchItem, TopK] = Batcher(
-        engine.run,
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.queue_size,
-        on_batch=lambda size, waits: _observe_batch(metrics, size, waits),
-        on_depth=metrics.queue_depth.set,
-    )
-    batcher.start()
-    preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels, settings.max_request_pixels)
-    app.state.engine, app.state.registry = engine, registry
-    app.state.batcher, app.state.preprocessor = batcher, preprocessor
-    app.state.ready = True
-    log.info("ready")
+    service: Front = app.state.service
+    await service.start()
     try:
         yield
     finally:
-        app.state.ready = False
-        await batcher.close()
-        preprocessor.close()
-        engine.close()
-
-
-def _announce(engine: Engine, metrics: Metrics) -> None:
-    log.info("backbone %s on %s (%s), fingerprint %s…", engine.name, engine.device,
-             str(engine.dtype).removeprefix("torch."), engine.fingerprint[:12])
-    if engine.random_weights:
-        log.warning("backbone %s has RANDOM weights (no RLRR_CHECKPOINT, RLRR_PRETRAINED unset): "
-                    "predictions are meaningless demo output", engine.name)
-    metrics.backbone.info({"name": engine.name, "fingerprint": engine.fingerprint,
-                           "random_weights": str(engine.random_weights).lower(),
-                           "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")})
-
-
-def _observe_batch(metrics: Metrics, size: int, waits: list[float]) -> None:
-    metrics.batch_size.observe(size)
-    for wait in waits:
-        metrics.queue_wait.observe(wait)
+        await service.close()
 
 
 async def _record_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -117,7 +82,7 @@ async def _record_request(request: Request, call_next: Callable[[Request], Await
         response = unexpected(request, exc)
     route = request.scope.get("route")
     path = getattr(route, "path", "unmatched")  # the template, not the raw path: bounded label values
-    metrics: Metrics = request.app.state.metrics
+    metrics = request.app.state.service.metrics
     metrics.requests.labels(path, getattr(request.state, "task", ""), str(response.status_code)).inc()
     metrics.latency.labels(path).observe(time.perf_counter() - start)
     return response

@@ -7,8 +7,6 @@ The transform comes from the adapter's data config resolved against the backbone
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import io
 import math
 import warnings
@@ -22,6 +20,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from app.runtime import trim_heap
 
 Transform = Callable[[Image.Image], torch.Tensor]
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -129,21 +128,6 @@ def _reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _trim_heap() -> None:
-    # A large decode frees hundreds of MiB that glibc keeps resident; hand them back (no-op without glibc).
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
 TRIM_ABOVE_PIXELS = 4_000_000  # decoded pixels of a request beyond which memory is handed back
 
 
@@ -177,8 +161,8 @@ class Preprocessor:
             return list(await asyncio.gather(*jobs))
         finally:
             opened.clear()  # the opened images hold the decoded pixels
-            if pixels > TRIM_ABOVE_PIXELS:
-                await loop.run_in_executor(self._pool, _trim_heap)
+            if pixels > TRIM_ABOVE_PIXELS:  # a large decode frees hundreds of MiB that glibc keeps resident
+                await loop.run_in_executor(self._pool, trim_heap)
 
     def _open_all(self, images: Sequence[bytes], min_side: int) -> list[Image.Image]:
         opened = [open_image(data, self.max_pixels, min_side) for data in images]

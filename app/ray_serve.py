@@ -4,11 +4,11 @@
     serve run app.ray_serve:build_app ray_replicas=4 ray_gpus=0.5
     serve deploy deploy/serve.yaml                               # on a running Ray cluster
 
-Two deployments. `Ingress` (FastAPI, no model, no GPU) parses the request exactly as the single server
-does and calls `Classifier` with the task name as the multiplexed model id, so Serve routes a task's
-requests to replicas that already hold it. Each `Classifier` replica is the single server's core: one
-`Engine` (backbone), a `Registry` over the shared store, a `Batcher` and a `Preprocessor`; it loads a
-task on its first request and drops the least recently used one past `ray_tasks_per_replica`.
+Two deployments. `Ingress` (no model, no GPU) serves the single server's routes, built by the same
+factory (`app.main.build_api`), over `Replicas`, which calls `Classifier` with the task name as the
+multiplexed model id, so Serve routes a task's requests to replicas that already hold it. Each
+`Classifier` replica holds the single server's `Service` (app.service) over the shared store, loading a
+task on its first request and dropping the least recently used one past `ray_tasks_per_replica`.
 
 Every classify answer names its replica (`x-rlrr-replica` header); `GET /replicas` counts requests per
 replica and task as seen by this ingress replica. Admin uploads are not routed here: write adapters
@@ -20,41 +20,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
+import contextvars
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import Counter
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from app.batcher import Batcher
-from app.engine import BatchItem, Engine, TopK
-from app.errors import AppError, InvalidAdapter, NotReady, UnknownTask, install_handlers
-from app.main import _observe_batch, _record_request
+from app.errors import AppError, InvalidAdapter, NotReady, UnknownTask
+from app.main import build_api
 from app.metrics import Metrics
-from app.payloads import read_images
-from app.preprocess import Preprocessor, scale_size
-from app.registry import CONFIG_NAME, NAME_MAX, NAME_PATTERN, WEIGHTS_NAME, Registry, valid_name
-from app.schemas import (
-    ClassifyResponse,
-    Health,
-    TaskDetail,
-    TaskInfo,
-    TaskList,
-    backbone_info,
-    classify_response,
-    task_detail,
-)
+from app.routes import classify, health, tasks
+from app.schemas import ClassifyResponse, TaskDetail, TaskList
+from app.service import Service
 from app.settings import Settings
 from app.tasks import LoadedTask
 
 READY_TIMEOUT_S = 5.0  # /readyz answers 503 rather than hang while no classifier replica is up
 REPLICA_HEADER = "x-rlrr-replica"
 _background: set[asyncio.Task[None]] = set()  # strong references: the loop only keeps weak ones
+# The replica that answered this request, for the header (set by `Replicas.classify`, read by `_name_replica`).
+_answered_by: contextvars.ContextVar[list[str]] = contextvars.ContextVar("answered_by")
 
 
 @dataclass
@@ -72,25 +63,16 @@ class Reply:
     held: list[str] = field(default_factory=list)
 
 
-def _signature(directory: os.PathLike[str] | str) -> tuple[int, ...] | None:
-    # Adapters are written by renaming files/folders into place, so a new version has a new inode.
-    try:
-        stats = [os.stat(os.path.join(directory, name)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
-    except OSError:
-        return None
-    return tuple(x for st in stats for x in (st.st_ino, st.st_mtime_ns, st.st_size))
-
-
 class _Slot:
     """What Serve's multiplexer caches for a task: the loaded version, reloaded when the store's copy changes.
 
     Args:
-        registry: The replica's registry.
+        service: The replica's service.
         name: Task name.
     """
 
-    def __init__(self, registry: Registry, name: str) -> None:
-        self.registry, self.name = registry, name
+    def __init__(self, service: Service, name: str) -> None:
+        self.service, self.name = service, name
         self.task: LoadedTask | None = None
         self.signature: tuple[int, ...] | None = None
         self._loop = asyncio.get_running_loop()
@@ -100,13 +82,14 @@ class _Slot:
     async def current(self) -> LoadedTask:
         """The task's current version, (re)loading it if the store holds a different one."""
         async with self._lock:
-            signature = _signature(self.registry.store / self.name)  # taken before loading: a change during
-            if signature is None:                                    # the load is seen on the next request
-                await self.registry.unload(self.name, self.task.key if self.task else None)
-                raise UnknownTask(f"unknown task {self.name!r}", tasks=self.registry.stored_names())
+            registry = self.service.registry
+            signature = registry.signature(self.name)  # taken before loading: a change during
+            if signature is None:                      # the load is seen on the next request
+                await self.service.unload_task(self.name, self.task.key if self.task else None)
+                raise UnknownTask(f"unknown task {self.name!r}", tasks=registry.stored_names())
             if self.task is None or signature != self.signature:
                 try:
-                    self.task = await self.registry.load(self.name)
+                    self.task = await self.service.load_task(self.name)
                 except InvalidAdapter as exc:  # the single server skips such adapters: 404 there too
                     raise UnknownTask(f"task {self.name!r} is not served: {exc.detail}") from exc
                 self.signature = signature
@@ -119,41 +102,29 @@ class _Slot:
         self._unloaded = True
         # A closed loop means the replica is going away, and its engine with it: nothing to free.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(_spawn_unload, self.registry, self.name, self.task.key)
+            self._loop.call_soon_threadsafe(_spawn_unload, self.service, self.name, self.task.key)
 
 
-def _spawn_unload(registry: Registry, name: str, key: str) -> None:
-    task = asyncio.get_running_loop().create_task(registry.unload(name, key))
+def _spawn_unload(service: Service, name: str, key: str) -> None:
+    task = asyncio.get_running_loop().create_task(service.unload_task(name, key))
     _background.add(task)
     task.add_done_callback(_background.discard)
 
 
 class Classifier:
-    """One backbone and the tasks Serve sends it; the single server's engine, registry, batcher, preprocessor.
+    """One backbone and the tasks Serve sends it: a `Service` that loads each task on demand.
 
     Args:
         settings: The service settings (the ray_* fields are read by `build_app`).
     """
 
     async def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        self.engine = await asyncio.to_thread(Engine.from_settings, settings, self.metrics)
-        self.registry = Registry(settings.store, self.engine)
-        if settings.warmup:
-            await self.engine.warm_up([])
-        self.batcher: Batcher[BatchItem, TopK] = Batcher(
-            self.engine.run, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
-            max_queue=settings.queue_size, on_batch=lambda size, waits: _observe_batch(self.metrics, size, waits),
-            on_depth=self.metrics.queue_depth.set)
-        self.batcher.start()
-        self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_pixels, settings.max_request_pixels)
+        self.service = Service(settings, on_demand=True)
+        await self.service.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._catalog: dict[str, tuple[tuple[int, ...] | None, TaskDetail]] = {}
-        self._warm = False
 
         async def load_task(name: str) -> _Slot:  # a plain function: Serve stores its LRU on it
-            return _Slot(self.registry, name)
+            return _Slot(self.service, name)
 
         self._task = serve.multiplexed(max_num_models_per_replica=settings.ray_tasks_per_replica)(load_task)
 
@@ -167,22 +138,12 @@ class Classifier:
         """
         start = time.perf_counter()
         loaded = await (await self._task(task)).current()
-        if not self._warm and self.settings.warmup:
-            # The single server warms up (and times its strategies) on its tasks before it is ready;
-            # a replica starts with none, so it does so on the first task it is sent.
-            self._warm = True
-            await self.engine.warm_up([loaded])
-        tensors = await self.preprocessor.decode_many(images, loaded.transform, scale_size(loaded.data_config))
-        predictions = await asyncio.gather(*self.batcher.submit_many([BatchItem(loaded, t, top_k) for t in tensors]))
-        answer = classify_response(loaded, self.engine.fingerprint, time.perf_counter() - start, predictions)
-        return Reply(answer.model_dump(), self.replica, sorted(self.registry.tasks))
+        answer = await self.service.answer(loaded, images, top_k, since=start)
+        return Reply(answer.model_dump(), self.replica, sorted(self.service.registry.tasks))
 
     async def catalog(self) -> dict[str, Any]:
         """GET /tasks: the backbone and every task in the store, servable (`loaded`) or refused (`skipped`)."""
-        details = [await self._detail(name) for name in self.registry.stored_names()]
-        ordered = sorted(details, key=lambda d: (d.state != "loaded", d.name))  # as the single server lists them
-        tasks = [TaskInfo(**d.model_dump(include=set(TaskInfo.model_fields))) for d in ordered]
-        return TaskList(backbone=backbone_info(self.engine, self.settings), tasks=tasks).model_dump()
+        return (await self.service.catalog()).model_dump()
 
     async def detail(self, name: str) -> dict[str, Any]:
         """GET /tasks/NAME.
@@ -190,38 +151,19 @@ class Classifier:
         Args:
             name: Task name.
         """
-        if name not in self.registry.stored_names():
-            raise UnknownTask(f"unknown task {name!r}", tasks=self.registry.stored_names())
-        return (await self._detail(name)).model_dump()
+        return (await self.service.detail(name)).model_dump()
 
     async def ready(self) -> int:
         """The number of task folders in the store (each servable on demand)."""
-        return len(self.registry.stored_names())
+        return await self.service.readiness()
 
     async def __del__(self) -> None:
         """Serve awaits this when it stops the replica (after draining its requests)."""
-        await self.batcher.close()
-        self.preprocessor.close()
-        self.engine.close()
-
-    async def _detail(self, name: str) -> TaskDetail:
-        # Validating an adapter reads its weights: remember the answer until the files change.
-        signature = _signature(self.registry.store / name)
-        cached = self._catalog.get(name)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        try:
-            if not valid_name(name):
-                raise InvalidAdapter(f"task name {name!r} does not match {NAME_PATTERN}")
-            detail = task_detail(await self.registry.inspect(name))
-        except (InvalidAdapter, UnknownTask) as exc:
-            detail = TaskDetail(name=name, state="skipped", reason=exc.detail)
-        self._catalog[name] = (signature, detail)
-        return detail
+        await self.service.close()
 
 
-class Ingress:
-    """HTTP in, classifier calls out: the single server's routes, with the task as Serve's multiplexed id.
+class Replicas:
+    """The ingress's service: every call goes to a classifier replica, a task's to one that holds it.
 
     Args:
         classifier: Handle of the Classifier deployment.
@@ -237,30 +179,51 @@ class Ingress:
         self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.held: dict[str, list[str]] = {}
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        # Serve calls this in the replica after __init__: the app's routes close over this instance.
-        return _ingress_api(self)
+    async def start(self) -> None:
+        """Nothing to start: the replicas hold the backbones."""
 
-    async def classify(self, request: Request, task: str, top_k: int) -> tuple[ClassifyResponse, str]:
-        """Read the images, run them on a replica that holds the task; the answer and that replica's id.
+    async def close(self) -> None:
+        """Nothing to free."""
+
+    def admit(self, task: str) -> None:
+        """Nothing to check before the body is read: the replica that gets the task knows it.
 
         Args:
-            request: The HTTP request (its body holds the images).
-            task: Task name (validated by the route).
-            top_k: Classes per image.
+            task: Task name.
         """
-        start = time.perf_counter()
-        images = await read_images(request, self.settings.max_body_bytes, self.settings.max_images,
-                                   self.settings.body_timeout_s)
-        call = self.classifier.options(multiplexed_model_id=task).classify.remote(task, images, top_k)
+
+    async def classify(self, task: str, images: Sequence[bytes], top_k: int,
+                       since: float | None = None) -> ClassifyResponse:
+        """Run the images on a replica that holds the task (Serve's multiplexed id); count the replica.
+
+        Args:
+            task: Task name.
+            images: Encoded images.
+            top_k: Classes per image.
+            since: `time.perf_counter()` when the request arrived; now when None.
+        """
+        since = time.perf_counter() if since is None else since
+        call = self.classifier.options(multiplexed_model_id=task).classify.remote(task, list(images), top_k)
         reply: Reply = await _unwrap(call)
         self.counts[reply.replica][task] += 1
         self.held[reply.replica] = reply.held
         self.per_replica.labels(reply.replica, task).inc()
-        answer = ClassifyResponse(**{**reply.answer, "time_ms": round((time.perf_counter() - start) * 1000, 3)})
-        return answer, reply.replica
+        _answered_by.get([]).append(reply.replica)
+        return ClassifyResponse(**{**reply.answer, "time_ms": round((time.perf_counter() - since) * 1000, 3)})
 
-    async def ready(self) -> int:
+    async def catalog(self) -> TaskList:
+        """The backbone and every task in the store, as a classifier replica sees them."""
+        return TaskList(**await _unwrap(self.classifier.catalog.remote()))
+
+    async def detail(self, name: str) -> TaskDetail:
+        """One task, as a classifier replica sees it.
+
+        Args:
+            name: Task name.
+        """
+        return TaskDetail(**await _unwrap(self.classifier.detail.remote(name)))
+
+    async def readiness(self) -> int:
         """The number of tasks in the store, once a classifier replica answers (503 after READY_TIMEOUT_S)."""
         call = self.classifier.ready.remote()
         try:
@@ -275,62 +238,48 @@ class Ingress:
                              for r, c in sorted(self.counts.items())}}
 
 
-def _ingress_api(ingress: Ingress) -> FastAPI:
-    """The FastAPI app of one ingress replica: same paths, parameters, errors and metrics as `create_app`.
+def _get_replicas(request: Request) -> Replicas:
+    return request.app.state.service
+
+
+replicas_router = APIRouter(tags=["ray"])
+
+
+@replicas_router.get("/replicas")
+async def replicas(front: Annotated[Replicas, Depends(_get_replicas)]) -> dict[str, Any]:
+    """Classify requests per classifier replica and task (as seen by this ingress replica)."""
+    return front.replicas()
+
+
+async def _name_replica(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    answered_by: list[str] = []
+    token = _answered_by.set(answered_by)  # the route runs in a copy of this context: it sees the list
+    try:
+        response = await call_next(request)
+    finally:
+        _answered_by.reset(token)
+    if answered_by:
+        response.headers[REPLICA_HEADER] = answered_by[0]
+    return response
+
+
+class Ingress:
+    """HTTP in, classifier calls out: the single server's routes (no admin ones) over `Replicas`.
 
     Args:
-        ingress: The replica's Ingress instance.
+        classifier: Handle of the Classifier deployment.
+        settings: The service settings (body limits).
     """
-    api = FastAPI(title="rlrr-serve on Ray Serve", summary="One frozen ViT per replica, many RLRR task adapters.",
-                  version="0.1.0")
-    api.state.metrics = ingress.metrics  # read by the request middleware, as in the single server
-    install_handlers(api)
-    api.middleware("http")(_record_request)
 
-    @api.post("/classify", response_model=ClassifyResponse)
-    async def classify(
-        request: Request,
-        response: Response,
-        task: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Task name.")],
-        top_k: Annotated[int, Query(ge=1, le=1000, description="Classes per image.")] = 5,
-    ) -> ClassifyResponse:
-        """Classify a raw image body, or multipart `file` fields, under one task."""
-        request.state.task = task
-        answer, replica = await ingress.classify(request, task, top_k)
-        response.headers[REPLICA_HEADER] = replica
-        return answer
+    def __init__(self, classifier: DeploymentHandle, settings: Settings) -> None:
+        self.replicas = Replicas(classifier, settings)
 
-    @api.get("/tasks", response_model=TaskList)
-    async def list_tasks() -> TaskList:
-        """The backbone, every task in the store, and every refused one with its reason."""
-        return TaskList(**await _unwrap(ingress.classifier.catalog.remote()))
-
-    @api.get("/tasks/{name}", response_model=TaskDetail)
-    async def show_task(name: Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]) -> TaskDetail:
-        """One task: labels, configuration, training metrics; or why it was refused."""
-        return TaskDetail(**await _unwrap(ingress.classifier.detail.remote(name)))
-
-    @api.get("/replicas")
-    async def replicas() -> dict[str, Any]:
-        """Classify requests per classifier replica and task (as seen by this ingress replica)."""
-        return ingress.replicas()
-
-    @api.get("/healthz", response_model=Health)
-    async def healthz() -> Health:
-        """The ingress is alive."""
-        return Health(status="ok")
-
-    @api.get("/readyz", response_model=Health)
-    async def readyz() -> Health:
-        """A classifier replica answers."""
-        return Health(status="ready", tasks=await ingress.ready())
-
-    @api.get("/metrics", response_class=Response)
-    async def metrics() -> Response:
-        """Prometheus text format: HTTP metrics and per-replica request counts of this ingress replica."""
-        return Response(ingress.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return api
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        # Serve calls this in the replica after __init__: the app is built by the single server's factory.
+        api = build_api(self.replicas, (classify.router, tasks.router, health.router, replicas_router),
+                        title="rlrr-serve on Ray Serve", summary="One frozen ViT per replica, many RLRR task adapters.")
+        api.middleware("http")(_name_replica)
+        return api
 
 
 async def _unwrap(call: DeploymentResponse) -> Any:

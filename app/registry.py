@@ -12,15 +12,21 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from adapters import AdapterError, load_adapter
+from adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    install_adapter,
+    load_adapter,
+    remove_adapter,
+    remove_stale_uploads,
+)
 from app.engine import Engine
 from app.errors import AppError, InsufficientMemory, InvalidAdapter, UnknownTask
 from app.preprocess import Transform, make_transform, resolve_config
@@ -29,12 +35,18 @@ from app.tasks import LoadedTask
 log = logging.getLogger("app")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 NAME_MAX = 64
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-# What an upload, replace or delete leaves in the store when the process dies half-way.
-LEFTOVER_PATTERN = r"^\.(upload-.+|.+\.(old|deleted)-\d+-\d+)$"
 _OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 _keys = itertools.count()
+
+
+def check_name(name: str) -> None:
+    """Refuse a store folder whose name cannot be a task name.
+
+    Args:
+        name: The folder's name.
+    """
+    if not valid_name(name):
+        raise InvalidAdapter(f"task name {name!r} does not match {NAME_PATTERN}")
 
 
 def valid_name(name: str) -> bool:
@@ -77,14 +89,12 @@ class Registry:
         """Remove leftovers of interrupted changes, then load every adapter in the store; refuse (and
         remember why) those that do not fit."""
         self.store.mkdir(parents=True, exist_ok=True)
-        for leftover in sorted(p for p in self.store.iterdir() if re.fullmatch(LEFTOVER_PATTERN, p.name)):
-            log.warning("removing %s: left in the store by an interrupted upload, replace or delete", leftover)
-            await asyncio.to_thread(_discard, leftover)
+        for leftover in await asyncio.to_thread(remove_stale_uploads, self.store):
+            log.warning("removed %s: left in the store by an interrupted upload, replace or delete", leftover)
         for directory in sorted(p for p in self.store.iterdir() if p.is_dir() and not p.name.startswith(".")):
             name = directory.name
             try:
-                if not valid_name(name):
-                    raise InvalidAdapter(f"task name {name!r} does not match {NAME_PATTERN}")
+                check_name(name)
                 self.tasks[name] = await self._load(name, directory)
                 log.info("loaded task %s (version %s)", name, self.tasks[name].version)
             except (InvalidAdapter, InsufficientMemory) as exc:
@@ -103,24 +113,22 @@ class Registry:
             weights: Contents of adapter_model.safetensors.
         """
         async with self._lock:
-            tmp = Path(tempfile.mkdtemp(prefix=f".upload-{name}-", dir=self.store))
+            loop = asyncio.get_running_loop()
+            validated: list[LoadedTask] = []
+
+            def validate(tmp: Path) -> None:  # on install_adapter's thread, before it renames tmp into place
+                validated.append(asyncio.run_coroutine_threadsafe(self._load(name, tmp), loop).result())
+
             try:
-                await asyncio.to_thread(_write_files, tmp, config, weights)
-                task = await self._load(name, tmp)
-                try:
-                    await asyncio.to_thread(_swap_into_place, tmp, self.store / name)
-                except OSError:
-                    await self.engine.retire(task)
-                    raise
-                task.adapter.path = self.store / name
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            old = self.tasks.get(name)
-            self.tasks[name] = task
-            self.skipped.pop(name, None)
-            self._publish()
-            if old is not None:
-                await self.engine.retire(old)
+                directory = await asyncio.to_thread(install_adapter, self.store, name, config, weights,
+                                                    validate=validate)
+            except BaseException:
+                if validated:  # validated and prepared, but never installed
+                    await self.engine.retire(validated[0])
+                raise
+            task = validated[0]
+            task.adapter.path = directory
+            await self._serve(task)
             log.info("installed task %s (version %s)", name, task.version)
             return task
 
@@ -133,7 +141,7 @@ class Registry:
         async with self._lock:
             if name not in self.tasks and name not in self.skipped:
                 raise UnknownTask(f"unknown task {name!r}", tasks=sorted(self.tasks))
-            await asyncio.to_thread(_remove_dir, self.store / name)
+            await asyncio.to_thread(remove_adapter, self.store, name)
             old = self.tasks.pop(name, None)
             self.skipped.pop(name, None)
             self._publish()
@@ -150,12 +158,7 @@ class Registry:
         directory = self._stored(name)
         async with self._lock:
             task = await self._load(name, directory)
-            old = self.tasks.get(name)
-            self.tasks[name] = task
-            self.skipped.pop(name, None)
-            self._publish()
-            if old is not None:
-                await self.engine.retire(old)
+            await self._serve(task)
         return task
 
     async def inspect(self, name: str) -> LoadedTask:
@@ -186,6 +189,28 @@ class Registry:
         if not self.store.is_dir():
             return []
         return sorted(p.name for p in self.store.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def signature(self, name: str) -> tuple[int, ...] | None:
+        """What changes whenever the store's copy of a task does (None: the store has none).
+
+        Args:
+            name: Task name.
+        """
+        # Adapters are written by renaming a whole folder into place, so a new version has new inodes.
+        try:
+            stats = [os.stat(self.store / name / file) for file in (CONFIG_NAME, WEIGHTS_NAME)]
+        except OSError:
+            return None
+        return tuple(x for st in stats for x in (st.st_ino, st.st_mtime_ns, st.st_size))
+
+    async def _serve(self, task: LoadedTask) -> None:
+        # Requests admitted with the version it replaces still finish with it (see Engine.retire).
+        old = self.tasks.get(task.name)
+        self.tasks[task.name] = task
+        self.skipped.pop(task.name, None)
+        self._publish()
+        if old is not None:
+            await self.engine.retire(old)
 
     def _stored(self, name: str) -> Path:
         directory = self.store / name
@@ -252,35 +277,3 @@ class Registry:
         metrics = self.engine.metrics
         metrics.adapters_loaded.set(len(self.tasks))
         metrics.adapters_skipped.set(len(self.skipped))
-
-
-def _write_files(directory: Path, config: bytes, weights: bytes) -> None:
-    (directory / CONFIG_NAME).write_bytes(config)
-    (directory / WEIGHTS_NAME).write_bytes(weights)
-
-
-def _swap_into_place(tmp: Path, directory: Path) -> None:
-    # A directory rename is atomic: readers of the store see the old pair or the new, never a mix.
-    old = None
-    if directory.exists() or directory.is_symlink():
-        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{next(_keys)}"
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        _discard(old)
-
-
-def _remove_dir(directory: Path) -> None:
-    if not directory.exists() and not directory.is_symlink():
-        return
-    trash = directory.parent / f".{directory.name}.deleted-{os.getpid()}-{next(_keys)}"
-    os.replace(directory, trash)
-    _discard(trash)
-
-
-def _discard(path: Path) -> None:
-    # A symlinked task is removed as a link: its target lies outside the store and is not ours.
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)

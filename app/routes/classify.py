@@ -7,12 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.deps import BatcherDep, EngineDep, PreprocessorDep, RegistryDep, SettingsDep
+from app.deps import FrontDep, SettingsDep
 from app.errors import error_responses
 from app.payloads import read_images
-from app.pipeline import classify_images
 from app.registry import NAME_MAX, NAME_PATTERN
-from app.schemas import ClassifyResponse, classify_response
+from app.schemas import ClassifyResponse
 
 router = APIRouter(tags=["classify"])
 
@@ -29,18 +28,13 @@ _BODY = {"requestBody": {"required": True, "content": {
 async def classify(
     request: Request,
     task: Annotated[str, Query(pattern=NAME_PATTERN, max_length=NAME_MAX, description="Task name.")],
-    registry: RegistryDep,
-    engine: EngineDep,
-    batcher: BatcherDep,
-    preprocessor: PreprocessorDep,
+    service: FrontDep,
     settings: SettingsDep,
     top_k: Annotated[int, Query(ge=1, le=1000, description="Classes per image.")] = 5,
 ) -> ClassifyResponse:
     """Classify a raw image body, or multipart `file` fields, under one task."""
     start = time.perf_counter()
-    loaded = registry.get(task)
+    service.admit(task)  # unknown task, full queue: refused before reading and decoding anything
     request.state.task = task
-    batcher.check_room(1)  # shed load before reading and decoding anything
     images = await read_images(request, settings.max_body_bytes, settings.max_images, settings.body_timeout_s)
-    predictions = await classify_images(loaded, images, top_k, preprocessor, batcher)
-    return classify_response(loaded, engine.fingerprint, time.perf_counter() - start, predictions)
+    return await service.classify(task, images, top_k, since=start)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.deps import MetricsDep
-from app.errors import NotReady, error_responses
+from app.deps import FrontDep, MetricsDep
+from app.errors import error_responses
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -20,11 +20,9 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses=error_responses(503))
-async def readyz(request: Request) -> Health:
+async def readyz(service: FrontDep) -> Health:
     """The backbone is loaded and warmed up, and the server is not shutting down."""
-    if not getattr(request.app.state, "ready", False):
-        raise NotReady("not ready")
-    return Health(status="ready", tasks=len(request.app.state.registry.tasks))
+    return Health(status="ready", tasks=await service.readiness())
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -10,8 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from app.deps import BatcherDep, PreprocessorDep, RegistryDep, SettingsDep
-from app.errors import NotReady, UnknownTask
+from app.deps import ServiceDep, SettingsDep
+from app.errors import UnknownTask
 from app.oip import (
     HEADER_LENGTH,
     ErrorBody,
@@ -28,7 +28,6 @@ from app.oip import (
     parse_request,
 )
 from app.payloads import check_images, read_body
-from app.pipeline import classify_images
 from app.registry import NAME_MAX, NAME_PATTERN
 from app.tasks import LoadedTask
 
@@ -44,16 +43,16 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-def served_task(request: Request, registry: RegistryDep,
+def served_task(request: Request, service: ServiceDep,
                 task: Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]) -> LoadedTask:
     """The task named in the path, at the version in the path if there is one.
 
     Args:
         request: The request (its `version` path parameter, and `state.task` for metrics).
-        registry: The served tasks.
+        service: The service.
         task: Task name.
     """
-    loaded = registry.get(task)
+    loaded = service.registry.get(task)
     request.state.task = task
     version = request.path_params.get("version")
     if version is not None and version != loaded.version:
@@ -71,10 +70,9 @@ async def live() -> ServerLive:
 
 
 @router.get("/health/ready", response_model=ServerReady)
-async def ready(request: Request) -> ServerReady:
+async def ready(service: ServiceDep) -> ServerReady:
     """Every task is loaded and warmed up (503 while starting or stopping)."""
-    if not getattr(request.app.state, "ready", False):
-        raise NotReady("not ready")
+    await service.readiness()
     return ServerReady(ready=True)
 
 
@@ -101,11 +99,10 @@ async def model_ready(task: TaskDep) -> ModelReady:
 @router.post("/models/{task}/infer", response_class=Response, openapi_extra=_INFER_BODY)
 @router.post("/models/{task}/versions/{version}/infer", response_class=Response,
              openapi_extra={**_INFER_BODY, **_VERSION})
-async def infer(request: Request, task: TaskDep, preprocessor: PreprocessorDep, batcher: BatcherDep,
-                settings: SettingsDep) -> Response:
+async def infer(request: Request, task: TaskDep, service: ServiceDep, settings: SettingsDep) -> Response:
     """Top-k `labels` and `scores` ([images, top_k]) of each element of the BYTES input `image`."""
     call = parse_request(await read_body(request, settings.max_body_bytes), request.headers)
     k, images = call.top_k(), call.images()
     check_images(images, settings.max_images)
-    predictions = await classify_images(task, images, k, preprocessor, batcher)
+    predictions = await service.predict(task, images, k)
     return infer_response(call, task.name, task.version, task.adapter.labels, predictions)

@@ -98,7 +98,7 @@ def test_concurrent_requests_over_tasks_match_single_answers(make_settings, png,
 def test_base_weights_never_modified(make_settings, png) -> None:
     app = create_app(make_settings(strategy="auto", max_wait_ms=20.0))
     with TestClient(app) as client:
-        engine = app.state.engine
+        engine = app.state.service.engine
         before = {k: v.clone() for k, v in engine.backbone.state_dict().items()}
         fingerprint = backbone_fingerprint(engine.backbone)
         with ThreadPoolExecutor(max_workers=6) as pool:

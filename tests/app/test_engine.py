@@ -25,7 +25,7 @@ TOL = 1e-5
 
 
 def _items(app, names: list[str], png, top_k: int = 10) -> list[BatchItem]:  # noqa: ANN001
-    registry = app.state.registry
+    registry = app.state.service.registry
     out = []
     for i, name in enumerate(names):
         task = registry.get(name)
@@ -45,7 +45,7 @@ def _dist(prediction: list[tuple[int, float]]) -> dict[int, float]:
 def test_mixed_batch_equals_each_task_alone(make_settings, refs, png, strategy) -> None:
     app = create_app(make_settings(strategy=strategy))
     with TestClient(app):
-        engine = app.state.engine
+        engine = app.state.service.engine
         names = [["alpha", "beta", "gamma"][i % 3] for i in range(9)]
         items = _items(app, names, png)
         mixed = _run(engine, items)
@@ -57,7 +57,7 @@ def test_mixed_batch_equals_each_task_alone(make_settings, refs, png, strategy) 
         for i, (name, got) in enumerate(zip(names, mixed, strict=True)):  # and the directly merged model
             expected = refs[name].probs(png(i))
             assert [_dist(got)[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=1e-5)
-        text = app.state.metrics.render().decode()
+        text = app.state.service.metrics.render().decode()
     if strategy == "auto":  # which form auto picks depends on the costs it measured on this machine
         assert any(f'rlrr_batches_total{{strategy="{name}"}}' in text
                    for name in ("merged", "segmented", "unmerged", "hybrid"))
@@ -71,10 +71,10 @@ def test_hybrid_batch_equals_each_task_merged(make_settings, refs, png) -> None:
     # task's directly merged model.
     app = create_app(make_settings(strategy="auto"))
     with TestClient(app):
-        engine = app.state.engine
+        engine = app.state.service.engine
         names = ["alpha", "beta", "gamma", "alpha", "alpha", "beta", "gamma"]
         items = _items(app, names, png)
-        tasks = {name: app.state.registry.get(name) for name in ("alpha", "beta", "gamma")}
+        tasks = {name: app.state.service.registry.get(name) for name in ("alpha", "beta", "gamma")}
         keys = {name: task.key for name, task in tasks.items()}
         for name in ("alpha", "gamma"):
             engine.cache.put(keys[name], engine._fold(tasks[name]))
@@ -84,7 +84,7 @@ def test_hybrid_batch_equals_each_task_merged(make_settings, refs, png) -> None:
         assert plan == {keys["alpha"]: "segmented", keys["beta"]: "unmerged", keys["gamma"]: "segmented"}
         got = _run(engine, items)
         assert keys["beta"] not in engine.cache
-        text = app.state.metrics.render().decode()
+        text = app.state.service.metrics.render().decode()
     assert 'rlrr_batches_total{strategy="hybrid"} 1.0' in text
     for i, (name, prediction) in enumerate(zip(names, got, strict=True)):
         expected = refs[name].probs(png(i))
@@ -115,10 +115,10 @@ def test_auto_plan_follows_the_costs() -> None:
 
 
 def test_warm_up_measures_the_costs(client) -> None:
-    engine = client.app.state.engine
+    engine = client.app.state.service.engine
     costs = vars(engine.costs)
     assert all(value >= 0 for value in costs.values()) and engine.costs.merged_row > 0
-    text = client.app.state.metrics.render().decode()
+    text = client.app.state.service.metrics.render().decode()
     for name in costs:
         assert f'rlrr_auto_cost_seconds{{kind="{name}"}}' in text
 
@@ -126,16 +126,16 @@ def test_warm_up_measures_the_costs(client) -> None:
 def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:
     probe = create_app(make_settings())
     with TestClient(probe):
-        folded = probe.state.engine._fold(probe.state.registry.get("alpha"))
+        folded = probe.state.service.engine._fold(probe.state.service.registry.get("alpha"))
         one = sum(t.numel() * t.element_size() for t in folded.values())  # every task: the same size
     app = create_app(make_settings(strategy="merged", merged_cache_bytes=int(one * 1.5), warmup=False))
     with TestClient(app):
-        engine = app.state.engine  # room for exactly one task
+        engine = app.state.service.engine  # room for exactly one task
         for name in ["alpha", "beta", "alpha", "gamma", "gamma"]:
             _run(engine, _items(app, [name], png))
             assert engine.cache.nbytes <= engine.cache.max_bytes
             assert len(engine.cache) == 1
-        text = app.state.metrics.render().decode()
+        text = app.state.service.metrics.render().decode()
     evictions = [line for line in text.splitlines() if line.startswith("rlrr_merged_cache_evictions_total ")]
     assert float(evictions[0].split()[1]) == 3  # beta, then alpha, then gamma displace the one entry
     assert "rlrr_merged_cache_hits_total 1.0" in text and "rlrr_merged_cache_misses_total 4.0" in text
@@ -144,7 +144,7 @@ def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:
 def test_zero_cache_folds_on_the_fly(make_settings, refs, png) -> None:
     app = create_app(make_settings(merged_cache_bytes=0))
     with TestClient(app):
-        engine = app.state.engine
+        engine = app.state.service.engine
         got = _dist(_run(engine, _items(app, ["gamma"], png))[0])
         assert len(engine.cache) == 0 and engine.cache.nbytes == 0
     expected = refs["gamma"].probs(png(0))
@@ -153,7 +153,7 @@ def test_zero_cache_folds_on_the_fly(make_settings, refs, png) -> None:
 
 def test_replaced_and_deleted_tasks_are_freed(client, make_upload) -> None:
     app = client.app
-    engine, registry = app.state.engine, app.state.registry
+    engine, registry = app.state.service.engine, app.state.service.registry
     old_alpha, old_beta = registry.get("alpha").key, registry.get("beta").key
     directory = make_upload()
     files = {name: (name, (directory / f).read_bytes()) for name, f in
@@ -168,7 +168,7 @@ def test_replaced_and_deleted_tasks_are_freed(client, make_upload) -> None:
 
 def test_a_retired_version_still_in_the_queue_is_served_then_freed(client, png) -> None:
     app = client.app
-    engine, registry = app.state.engine, app.state.registry
+    engine, registry = app.state.service.engine, app.state.service.registry
     items = _items(app, ["alpha", "gamma"], png)  # admitted before the delete
     before = _run(engine, items)
     assert client.delete("/tasks/gamma", headers=AUTH).status_code == 204
@@ -180,7 +180,7 @@ def test_a_retired_version_still_in_the_queue_is_served_then_freed(client, png) 
 
 
 def test_cpu_runs_float32(client) -> None:
-    engine = client.app.state.engine
+    engine = client.app.state.service.engine
     assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
 
 
@@ -188,7 +188,7 @@ def test_half_precision_path_agrees_with_float32(make_settings, png) -> None:
     # The CUDA dtype path (bf16 backbone, fp32-folded then cast weights), exercised on CPU.
     app = create_app(make_settings())
     with TestClient(app):
-        fp32 = app.state.engine
+        fp32 = app.state.service.engine
         items = _items(app, ["alpha", "beta", "gamma", "alpha"], png)
         want = _run(fp32, items)
         backbone = copy.deepcopy(fp32.backbone).to(torch.bfloat16)
@@ -218,8 +218,8 @@ def test_loading_and_serving_fold_nothing(make_settings, refs, png, monkeypatch)
     monkeypatch.setattr(app.engine, "fold_adapter", no_fold)
     application = create_app(make_settings(warmup=False))
     with TestClient(application):
-        assert sorted(application.state.registry.tasks) == ["alpha", "beta", "gamma"]
-        got = _dist(_run(application.state.engine, _items(application, ["beta"], png))[0])
+        assert sorted(application.state.service.registry.tasks) == ["alpha", "beta", "gamma"]
+        got = _dist(_run(application.state.service.engine, _items(application, ["beta"], png))[0])
     expected = refs["beta"].probs(png(0))
     assert [got[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=TOL)
 
@@ -245,4 +245,4 @@ def test_an_adapter_with_a_huge_value_is_refused_at_upload(client, make_upload, 
     assert response.status_code == 422
     assert "blocks.0.mlp.fc2.rlrr_l" in str(response.json()["detail"]) and "1e+30" in str(response.json()["detail"])
     assert client.get("/tasks/huge").status_code == 404
-    assert not (client.app.state.registry.store / "huge").exists()
+    assert not (client.app.state.service.registry.store / "huge").exists()

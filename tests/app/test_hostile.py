@@ -26,10 +26,10 @@ from PIL import Image
 
 from app import preprocess
 from app import registry as registry_module
+from app import service as service_module
 from app.batcher import Batcher
 from app.engine import Engine
 from app.main import create_app
-from app.routes import tasks as tasks_routes
 
 AUTH = {"authorization": "Bearer s3cret"}
 PNG = {"content-type": "image/png"}
@@ -144,12 +144,12 @@ def serving(app) -> Iterator[int]:
         sock.close()
 
 
-def _broken_backbone_info(engine):
+def _broken_backbone_info(*args):
     raise RuntimeError("provoked bug")
 
 
 def test_500_keeps_the_keep_alive_connection_usable(make_settings, monkeypatch) -> None:
-    monkeypatch.setattr(tasks_routes, "backbone_info", _broken_backbone_info)
+    monkeypatch.setattr(service_module, "backbone_info", _broken_backbone_info)
     with serving(create_app(make_settings(warmup=False))) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/tasks")
@@ -169,7 +169,7 @@ def test_500_keeps_the_keep_alive_connection_usable(make_settings, monkeypatch) 
 
 
 def test_500_is_counted_in_requests_total(make_settings, monkeypatch) -> None:
-    monkeypatch.setattr(tasks_routes, "backbone_info", _broken_backbone_info)
+    monkeypatch.setattr(service_module, "backbone_info", _broken_backbone_info)
     with TestClient(create_app(make_settings(warmup=False)), raise_server_exceptions=False) as client:
         assert client.get("/tasks").status_code == 500
         metrics = client.get("/metrics").text
@@ -213,7 +213,7 @@ def test_request_pixel_budget_is_413_with_reason(make_settings, png) -> None:
 
 def test_memory_is_given_back_after_a_large_decode(client, png, monkeypatch) -> None:
     trims: list[bool] = []
-    monkeypatch.setattr(preprocess, "_trim_heap", lambda: trims.append(True))
+    monkeypatch.setattr(preprocess, "trim_heap", lambda: trims.append(True))
     monkeypatch.setattr(preprocess, "TRIM_ABOVE_PIXELS", 200 * 180 - 1)
     assert client.post("/classify?task=alpha", content=png(0, size=(100, 100)), headers=PNG).status_code == 200
     assert trims == []
@@ -345,7 +345,7 @@ def test_bare_and_empty_errors_get_a_reason(client, make_upload, monkeypatch, er
         raise error
 
     monkeypatch.setattr(registry_module, "make_transform", fail)
-    client.app.state.registry._transforms.clear()  # transforms are built once per data config: build again
+    client.app.state.service.registry._transforms.clear()  # transforms are built once per data config: build again
     response = client.put("/tasks/delta", files=_files(make_upload()), headers=AUTH)
     assert response.status_code == 422
     assert response.json()["detail"] == f"adapter 'delta' refused: {expected}"

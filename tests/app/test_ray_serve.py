@@ -186,3 +186,13 @@ def test_serve_yaml_builds_the_application() -> None:
     settings = Settings(**application.args)
     assert settings.ray_gpus == 0.5 and settings.ray_max_replicas > settings.ray_replicas
     assert isinstance(ray_serve.build_app(application.args), serve.Application)
+
+
+
+def test_ingress_mounts_the_single_servers_routes_but_no_admin_ones() -> None:
+    paths = ray_serve.Ingress(None, Settings()).__serve_build_asgi_app__().openapi()["paths"]
+    assert set(paths) == {"/classify", "/tasks", "/tasks/{name}", "/healthz", "/readyz", "/metrics", "/replicas"}
+    assert set(paths["/tasks/{name}"]) == {"get"}  # no upload or delete: adapters are written into the store
+    single = create_app(Settings()).openapi()["paths"]
+    for path in paths.keys() - {"/replicas"}:  # the same routes: same parameters, bodies and answers
+        assert all(paths[path][method] == single[path][method] for method in paths[path]), path

@@ -233,10 +233,27 @@ class _RowSSF(nn.Module):
         self.base_layer, self.path, self.rows, self.channel_dim = base_layer, path, rows, channel_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows.mode == "segmented":
+            return self._segmented(x)
         y = self.base_layer(x)
         scale = _rows_view(self.rows.take(self.path, "scale"), y.dim(), self.channel_dim)
         shift = _rows_view(self.rows.take(self.path, "shift"), y.dim(), self.channel_dim)
         return rlrr.ssf(y, scale, shift)
+
+    def _segmented(self, x: torch.Tensor) -> torch.Tensor:
+        # Per segment, not per row: no (B, ...) gather and no temporaries. One task: its γ, β fold into
+        # a LayerNorm's affine (no pass at all); several: one in-place pass over each segment.
+        r, base = self.rows, self.base_layer
+        scale, shift = r.per_task(self.path, "scale"), r.per_task(self.path, "shift")  # (U, D)
+        if len(r.tasks) == 1 and isinstance(base, nn.LayerNorm) and base.weight is not None:
+            w, b = rlrr.fold_ssf(base.weight, base.bias, scale[0], shift[0])
+            return F.layer_norm(x, base.normalized_shape, w, b, base.eps)
+        y = base(x)
+        shape = (-1,) + (1,) * (y.dim() - 2) if self.channel_dim == 1 else (-1,)  # γ, β against one image
+        for u in range(len(r.tasks)):
+            seg = y[r.offsets[u]:r.offsets[u + 1]]
+            torch.addcmul(shift[u].view(shape), seg, scale[u].view(shape), out=seg)
+        return y
 
 
 def _share_structure(model: nn.Module) -> nn.Module:

@@ -21,10 +21,10 @@ class MergedCache:
     """LRU of folded task weights, bounded by bytes, admitting only tasks that come back.
 
     A task is *hot* when it was seen in `admit_after` or more of the recent batches (a decayed
-    count, ~`1 / (1 - decay)` batches long). Folding a task into the cache costs about what one
-    just-in-time pass costs, and an entry is a whole backbone's worth of memory, so a task seen
-    once (most tasks under uniform traffic over 1,000) is never folded into it; and when the cache
-    is full a newcomer only displaces the least recently used entry if it is at least as hot.
+    count, ~`1 / (1 - decay)` batches long). An entry is a whole backbone's worth of memory and a
+    fold, so a task seen once (most tasks under uniform traffic over 1,000) is never folded into
+    it, and when the cache is full a newcomer only displaces the least recently used entry if it
+    is clearly hotter (`admits`).
 
     Args:
         max_bytes: Budget; an entry larger than it is never cached.
@@ -95,6 +95,13 @@ class MergedCache:
     def admits(self, key: str) -> bool:
         """Whether folding this (uncached) task into the cache now is worth it.
 
+        A fold costs about ten just-in-time passes of that task (a whole backbone written, and a
+        fresh backbone-sized allocation), so an entry must be reused many times before it is
+        evicted to pay for itself. With room left, any task seen in `admit_after` recent batches
+        is admitted; a full cache only takes a task at least twice as hot as the entry it would
+        displace. Traffic spread evenly over more tasks than fit (uniform-50 in 1 GiB) then keeps
+        its first entries instead of folding one task per batch to evict another.
+
         Args:
             key: The task version's key.
         """
@@ -102,7 +109,7 @@ class MergedCache:
             return False
         if not self._entries or self.nbytes + self.entry_bytes <= self.max_bytes:
             return True
-        return self.heat(key) >= self.heat(next(iter(self._entries)))  # displaces the LRU entry
+        return self.heat(key) >= 2 * self.heat(next(iter(self._entries)))  # displaces the LRU entry
 
     def put(self, key: str, weights: Weights) -> None:
         """Insert, evicting least recently used entries until it fits.
@@ -115,8 +122,10 @@ class MergedCache:
         self.entry_bytes = size
         if size > self.max_bytes:
             return
-        self.pop(key)
         with self._lock:
+            old = self._entries.pop(key, None)  # a re-put replaces the entry; the task keeps its heat
+            if old is not None:
+                self.nbytes -= old[1]
             while self.nbytes + size > self.max_bytes:
                 self._evict(next(iter(self._entries)))
             self._entries[key] = (weights, size)

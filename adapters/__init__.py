@@ -25,7 +25,7 @@ from .io import (
     save_adapter,
     stale_uploads,
 )
-from .merge import VALUE_LIMIT, check_bounds, check_fold, fold_adapter, merge_rlrr, weight_bounds
+from .merge import VALUE_LIMIT, check_bounds, fold_adapter, merge_rlrr, weight_bounds
 from .multitask import MultiTaskViT
 from .names import tensor_name
 from .packed import PackedTensors
@@ -33,7 +33,7 @@ from .packed import PackedTensors
 __all__ = [
     "RLRRConfig", "add_rlrr", "merge_rlrr", "MultiTaskViT", "save_adapter", "load_adapter",
     "Adapter", "adapter_state_dict", "adapter_shapes", "backbone_fingerprint",
-    "fold_adapter", "check_fold", "check_bounds", "weight_bounds", "VALUE_LIMIT", "plan_targets", "PackedTensors",
+    "fold_adapter", "check_bounds", "weight_bounds", "VALUE_LIMIT", "plan_targets", "PackedTensors",
     "BackboneSpec", "BackboneError", "build_backbone", "tensor_name",
     "install_adapter", "remove_adapter", "stale_uploads", "remove_stale_uploads", "CONFIG_NAME", "WEIGHTS_NAME",
     "AdapterError", "AdapterConfigError", "AdapterModelError", "AdapterShapeError", "AdapterValueError",

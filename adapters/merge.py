@@ -13,7 +13,7 @@ from .errors import AdapterShapeError, AdapterValueError
 from .inject import adapter_state_dict, base_module, plan_targets, unwrap, wrapped_config
 from .names import HEAD_NAMES, RLRR_C, RLRR_L, RLRR_S, SSF_SCALE, SSF_SHIFT, tensor_name
 
-__all__ = ["fold_adapter", "check_fold", "check_bounds", "weight_bounds", "merge_rlrr", "VALUE_LIMIT"]
+__all__ = ["fold_adapter", "check_bounds", "weight_bounds", "merge_rlrr", "VALUE_LIMIT"]
 
 
 @torch.no_grad()
@@ -42,29 +42,6 @@ def fold_adapter(
     if bad:
         raise AdapterValueError(f"folding produced non-finite values in {bad[:5]}")
     return folded
-
-
-@torch.no_grad()
-def check_fold(backbone: nn.Module, tensors: Mapping[str, torch.Tensor], config: RLRRConfig) -> int:
-    """Prove a task folds to finite weights without keeping them; returns the bytes they would take.
-
-    Folds one tensor at a time and drops it, so validating an adapter that will not be cached
-    costs one layer's memory, not a backbone's (and leaves no backbone-sized holes in the heap).
-
-    Args:
-        backbone: As for `fold_adapter`.
-        tensors: As for `fold_adapter`.
-        config: As for `fold_adapter`.
-
-    Raises:
-        AdapterShapeError, AdapterValueError: As `fold_adapter` does.
-    """
-    nbytes = 0
-    for name, value in _iter_fold(backbone, tensors, config):
-        if not torch.isfinite(value).all():
-            raise AdapterValueError(f"folding produced non-finite values in {[name]}")
-        nbytes += value.numel() * value.element_size()
-    return nbytes
 
 
 def _iter_fold(

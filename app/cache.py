@@ -1,4 +1,4 @@
-"""Folded weights of hot tasks: a byte-bounded LRU with a frequency-based admission rule.
+"""Folded weights of hot tasks: a byte-bounded cache with frequency-based admission and eviction.
 
 Speed does not depend on this cache (a segmented batch folds each layer just in time); it only
 saves hot tasks that fold, and lets a batch of one cached task run as one plain timm forward.
@@ -18,13 +18,13 @@ Weights = dict[str, torch.Tensor]  # `fold_adapter` output
 
 
 class MergedCache:
-    """LRU of folded task weights, bounded by bytes, admitting only tasks that come back.
+    """Folded task weights, bounded by bytes, admitting only tasks that come back.
 
     A task is *hot* when it was seen in `admit_after` or more of the recent batches (a decayed
     count, ~`1 / (1 - decay)` batches long). An entry is a whole backbone's worth of memory and a
     fold, so a task seen once (most tasks under uniform traffic over 1,000) is never folded into
-    it, and when the cache is full a newcomer only displaces the least recently used entry if it
-    is clearly hotter (`admits`).
+    it, and when the cache is full a newcomer only displaces the coldest entry if it is clearly
+    hotter (`admits`).
 
     Args:
         max_bytes: Budget; an entry larger than it is never cached.
@@ -109,10 +109,10 @@ class MergedCache:
             return False
         if not self._entries or self.nbytes + self.entry_bytes <= self.max_bytes:
             return True
-        return self.heat(key) >= 2 * self.heat(next(iter(self._entries)))  # displaces the LRU entry
+        return self.heat(key) >= 2 * self.heat(self._coldest())  # displaces the coldest entry
 
     def put(self, key: str, weights: Weights) -> None:
-        """Insert, evicting least recently used entries until it fits.
+        """Insert, evicting the coldest entries until it fits.
 
         Args:
             key: The task version's key.
@@ -127,7 +127,7 @@ class MergedCache:
             if old is not None:
                 self.nbytes -= old[1]
             while self.nbytes + size > self.max_bytes:
-                self._evict(next(iter(self._entries)))
+                self._evict(self._coldest())
             self._entries[key] = (weights, size)
             self.nbytes += size
         self._metrics.cache_bytes.set(self.nbytes)
@@ -145,6 +145,11 @@ class MergedCache:
                 self.nbytes -= entry[1]
         if entry is not None:
             self._metrics.cache_bytes.set(self.nbytes)
+
+    def _coldest(self) -> str:
+        # The entry with the lowest recent count (the least recently used among equals): under skewed
+        # traffic the cache converges to the hottest tasks instead of cycling through the tail.
+        return min(self._entries, key=self.heat)
 
     def _evict(self, key: str) -> None:
         # Under the lock. Dropping the only reference frees the tensors (CUDA memory returns to torch).

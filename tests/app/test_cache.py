@@ -54,3 +54,17 @@ def test_no_budget_admits_nothing() -> None:
     assert not cache.admits("a")
     cache.put("a", dict(ENTRY))
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_eviction_takes_the_coldest_entry_not_the_least_recent() -> None:
+    # Skewed traffic: the cache must converge to the hottest tasks, not cycle through the tail.
+    cache = _cache(entries=2)
+    for _ in range(6):
+        cache.seen(["hot"])
+    for _ in range(3):
+        cache.seen(["warm", "hotter"])
+    cache.put("hot", dict(ENTRY))  # least recently used from here on, but the hottest
+    cache.put("warm", dict(ENTRY))
+    assert cache.heat("hot") > cache.heat("warm")
+    cache.put("hotter", dict(ENTRY))
+    assert "hot" in cache and "hotter" in cache and "warm" not in cache

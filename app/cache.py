@@ -20,8 +20,9 @@ Weights = dict[str, torch.Tensor]  # `fold_adapter` output
 class MergedCache:
     """Folded task weights, bounded by bytes, admitting only tasks that come back.
 
-    A task is *hot* when it was seen in `admit_after` or more of the recent batches (a decayed
-    count, ~`1 / (1 - decay)` batches long). An entry is a whole backbone's worth of memory and a
+    A task is *hot* when it was counted (`seen`: the engine counts a task that holds at least half
+    of a batch) in `admit_after` or more of the recent batches (a decayed count, ~`1 / (1 - decay)`
+    batches long). An entry is a whole backbone's worth of memory and a
     fold, so a task seen once (most tasks under uniform traffic over 1,000) is never folded into
     it, and when the cache is full a newcomer only displaces the coldest entry if it is clearly
     hotter (`admits`).

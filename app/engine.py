@@ -289,7 +289,12 @@ class Engine:
 
     def _admit_and_plan(self, counts: dict[str, int], tasks: Mapping[str, LoadedTask],
                         force: Form | None) -> dict[str, Form]:
-        self.cache.seen(list(counts))
+        # Only a task holding at least half of a batch earns heat: the cache pays off where a task runs
+        # (nearly) alone, as one plain forward. Inside a mixed segmented pass cached weights save a ~7 ms
+        # just-in-time fold (ViT-S, CPU) but an admission costs a whole fold and a fresh backbone-sized
+        # allocation (bench/README.md: admitting zipf's head cost zipf-1000 ~4%).
+        total = sum(counts.values())
+        self.cache.seen([k for k, n in counts.items() if 2 * n >= total])
         forced = force or (None if self.strategy == "auto" else self.strategy)
         for key in counts:  # one hit or miss per group; hot tasks (every task, if merged is forced) are cached
             if self.cache.get(key) is None and (forced == "merged" or (forced is None and self.cache.admits(key))):

@@ -246,3 +246,20 @@ def test_an_adapter_with_a_huge_value_is_refused_at_upload(client, make_upload, 
     assert "blocks.0.mlp.fc2.rlrr_l" in str(response.json()["detail"]) and "1e+30" in str(response.json()["detail"])
     assert client.get("/tasks/huge").status_code == 404
     assert not (client.app.state.service.registry.store / "huge").exists()
+
+
+def test_only_tasks_that_fill_a_batch_are_folded_into_the_cache(make_settings, png) -> None:
+    # Mixed batches run segmented (a just-in-time fold is cheaper than an admission); a task that
+    # holds half a batch or more, batch after batch, earns a cached fold and then runs as one plain forward.
+    app = create_app(make_settings(warmup=False))
+    with TestClient(app):
+        engine = app.state.service.engine
+        for _ in range(4):
+            _run(engine, _items(app, ["alpha", "beta", "gamma"], png))
+        assert len(engine.cache) == 0
+        for _ in range(3):
+            _run(engine, _items(app, ["alpha", "alpha", "beta"], png))
+        assert app.state.service.registry.get("alpha").key in engine.cache
+        assert app.state.service.registry.get("beta").key not in engine.cache
+        text = app.state.service.metrics.render().decode()
+    assert 'rlrr_batches_total{strategy="segmented"} 7.0' in text

@@ -15,7 +15,8 @@ l ~ U(±√6), so W ⊙ (1 + l cᵀ) does not start at W) and/or 'identity' (sta
 
 `--refit` then retrains each method once more on all 1,000 training images (train + val) with its
 selected lr and reads that run's test: the paper's protocol (select on val, refit on train + val).
-`--export-store DIR` copies the refit rlrr adapters into DIR (the demo store).
+`--export-store DIR` copies the selected rlrr adapters into DIR (the demo store): the refit ones
+with `--refit`, else the val-selected grid runs themselves.
 
 Every finished run is appended to `<out>/mini_vtab_val.jsonl` at once, so an interrupted run keeps
 what it finished (finished runs are also reused from their result.json; `--fresh` retrains).
@@ -145,16 +146,16 @@ def select(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any]
     return max(mine, key=lambda r: (r["val_top1"], -r["val_loss"])) if mine else None
 
 
-def export(src: Path, tasks: list[str], dest: Path) -> None:
-    """Copy `src/<task>` adapters into `dest`, one whole-directory swap per task (as save_adapter does)."""
+def export(adapters: dict[str, Path], dest: Path) -> None:
+    """Copy each task's adapter folder to `dest/<task>`, one whole-directory swap each (as save_adapter does)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
+    for task, src in adapters.items():
         tmp = dest / f".{task}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src / task, tmp)
+        shutil.copytree(src, tmp)
         shutil.rmtree(dest / task, ignore_errors=True)
         tmp.rename(dest / task)
-    print(f"exported {len(tasks)} refit rlrr adapters to {dest}", flush=True)
+        print(f"exported {src} -> {dest / task}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: the machine is shared; 0 keeps torch's default)")
     ap.add_argument("--refit", action="store_true", help="retrain each selected lr on all 1,000 images")
-    ap.add_argument("--export-store", type=Path, help="copy the refit rlrr adapters here (implies --refit)")
+    ap.add_argument("--export-store", type=Path,
+                    help="copy the selected rlrr adapters here: the refit ones with --refit, else the val-selected "
+                         "grid run's (trained on the 800)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that already have a result.json")
     ap.add_argument("--report-only", action="store_true", help="train nothing: the table of the runs already done")
     ap.add_argument("--data", type=Path, default=CACHE / "mini_vtab")
@@ -178,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.refit = args.refit or args.export_store is not None
     args.out.mkdir(parents=True, exist_ok=True)
     data = prepare(args.data, args.tasks)
     jsonl = args.out / "mini_vtab_val.jsonl"
@@ -213,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                 meta = run(task, method, best["lr"], best["init"], args, refit=True)
                 if meta is not None:
                     record(_row(task, method, best["lr"], best["init"], meta, "refit"), not meta["reused"])
-            if method == "rlrr" and args.export_store:
-                export(args.out / "store" / "refit-rlrr", args.tasks, args.export_store)  # before ssf's refits
+            if method == "rlrr" and args.export_store:  # before ssf's refits
+                export({t: args.out / "store" / "refit-rlrr" / t for t in args.tasks}, args.export_store)
+    elif args.export_store:
+        chosen = {t: select(rows, t, "rlrr") for t in args.tasks}
+        export({t: args.out / "store" / f"{t}-rlrr-lr{b['lr']:g}-{b['init']}" / t for t, b in chosen.items() if b},
+               args.export_store)
 
     print("\n| task | method | lr | init | val top-1 | val loss | test top-1 | selected on val | refit test top-1 |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -146,6 +146,49 @@ def select(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any]
     return max(mine, key=lambda r: (r["val_top1"], -r["val_loss"])) if mine else None
 
 
+def tables(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], n_points: dict[str, int]) -> str:
+    """Markdown: one line per task with each method's selected lr, val and test; then every grid point.
+
+    Args:
+        rows: Grid (and refit) rows.
+        tasks: Task order.
+        methods: Method order.
+        n_points: Grid points per method; a task with fewer is marked as selected on a partial grid.
+    """
+    head = ["task", *(f"{m} {k}" for m in methods for k in ("lr", "val", "test", "refit test")), "grid"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sums: dict[str, list[float]] = {m: [] for m in methods}
+    for task in tasks:
+        cells, partial = [], []
+        for method in methods:
+            best = select(rows, task, method)
+            n = sum(r["phase"] == "grid" and r["task"] == task and r["method"] == method for r in rows)
+            if n < n_points[method]:
+                partial.append(f"{method} {n}/{n_points[method]}")
+            refit = next((r for r in rows if r["phase"] == "refit" and r["task"] == task and r["method"] == method),
+                         None)
+            if best is None:
+                cells += ["-"] * 4
+                continue
+            sums[method].append(best["test_top1"])
+            cells += [f"{best['lr']:g}", f"{best['val_top1']:.1f}", f"{best['test_top1']:.1f}",
+                      f"{refit['test_top1']:.1f}" if refit else "-"]
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {', '.join(partial) or 'full'} |")
+    if all(len(v) == len(tasks) for v in sums.values()):
+        mean = [x for m in methods for x in ("", "", f"{sum(sums[m]) / len(tasks):.1f}", "")]
+        lines.append("| mean | " + " | ".join(mean) + " | |")
+    lines += ["", "| task | method | lr | init | val top-1 | val loss | test top-1 | selected on val |",
+              "|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for method in methods:
+            best = select(rows, task, method)
+            for r in sorted((r for r in rows if r["phase"] == "grid" and r["task"] == task and r["method"] == method),
+                            key=lambda r: (r["lr"], r["init"])):
+                lines.append(f"| {task} | {method} | {r['lr']:g} | {r['init']} | {r['val_top1']:.1f} "
+                             f"| {r['val_loss']:.3f} | {r['test_top1']:.1f} | {'**yes**' if r is best else ''} |")
+    return "\n".join(lines)
+
+
 def export(adapters: dict[str, Path], dest: Path) -> None:
     """Copy each task's adapter folder to `dest/<task>`, one whole-directory swap each (as save_adapter does)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -222,21 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         export({t: args.out / "store" / f"{t}-rlrr-lr{b['lr']:g}-{b['init']}" / t for t, b in chosen.items() if b},
                args.export_store)
 
-    print("\n| task | method | lr | init | val top-1 | val loss | test top-1 | selected on val | refit test top-1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for task in args.tasks:
-        for method in args.methods:
-            mine = sorted((r for r in rows if r["phase"] == "grid" and r["task"] == task and r["method"] == method),
-                          key=lambda r: (r["lr"], r["init"]))
-            best = select(rows, task, method)
-            complete = len(mine) == n_points[method]
-            refit = {r["method"]: r for r in rows if r["phase"] == "refit" and r["task"] == task}
-            for r in mine:
-                chosen = ("**yes**" if complete else "(grid incomplete)") if r is best else ""
-                after = f"{refit[method]['test_top1']:.1f}" if r is best and method in refit else ""
-                print(f"| {task} | {method} | {r['lr']:g} | {r['init']} | {r['val_top1']:.1f} | {r['val_loss']:.3f} "
-                      f"| {r['test_top1']:.1f} | {chosen} | {after} |")
-    (args.out / "mini_vtab_val.json").write_text(json.dumps({"epochs": args.epochs, "seed": args.seed,
+    md = tables(rows, args.tasks, args.methods, n_points)
+    print("\n" + md)
+    (args.out / "mini_vtab_val.md").write_text(md + "\n")
+    (args.out / "mini_vtab_val.json").write_text(json.dumps({"epochs": args.epochs, "seed": args.seed, "lrs": args.lrs,
                                                              "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -84,9 +84,10 @@ def test_reference_init_matches_the_reference_code(make_vit) -> None:
     model = add_rlrr(make_vit(), RLRRConfig(), 3)
     qkv = model.blocks[0].attn.qkv
     assert isinstance(qkv, RLRRLinear) and qkv.rlrr_c.shape == (3, 64)
-    bound_c = 1 / math.sqrt(64)  # kaiming-uniform(a=√5) with fan_in = in
+    bound_c = math.sqrt(6 / 64)  # kaiming-uniform (a = 0) with fan_in = in; ViT-B sizes: test_layers.py
     assert qkv.rlrr_c.abs().max() <= bound_c and qkv.rlrr_c.abs().max() > bound_c / 2
-    assert qkv.rlrr_l.abs().max() <= 1.0 and qkv.rlrr_l.abs().max() > 0.5  # fan_in = 1: U(-1, 1)
+    bound_l = math.sqrt(6)  # fan_in = 1: U(±√6)
+    assert qkv.rlrr_l.abs().max() <= bound_l and qkv.rlrr_l.abs().max() > bound_l / 2
     assert torch.count_nonzero(qkv.rlrr_s) == 0
     norm1 = model.blocks[0].norm1
     assert isinstance(norm1, SSFLayer) and 0 < (norm1.ssf_scale - 1).abs().max() < 0.2

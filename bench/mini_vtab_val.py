@@ -202,7 +202,8 @@ def export(adapters: dict[str, Path], dest: Path) -> None:
         print(f"exported {src} -> {dest / task}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=list(TASKS), help="in run order")
     ap.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
@@ -222,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="train nothing: the table of the runs already done")
     ap.add_argument("--data", type=Path, default=CACHE / "mini_vtab")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "mini_vtab_val")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Grid (and refits) on the val split, the table, and the export of the selected adapters."""
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,25 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
+def _from_model(model: nn.Module, config: RLRRConfig | None, fingerprint: str | None, num_classes: int | None,
+                base_model: str | None, data_config: dict[str, Any] | None) -> tuple:
+    # Everything `save_adapter` was not told, read from a model wrapped by add_rlrr.
+    own = wrapped_config(model)  # raises for a model without an adapter
+    if data_config is None:
+        from timm.data import resolve_model_data_config
+        data_config = resolve_model_data_config(model)
+    return (adapter_state_dict(model), config or own, fingerprint or backbone_fingerprint(model),
+            num_classes or model.head.out_features, base_model or _model_name(model), data_config)
+
+
+def _from_tensors(tensors: Mapping[str, torch.Tensor], **needed: Any) -> dict[str, torch.Tensor]:
+    missing = [name for name, value in needed.items() if value is None]
+    if missing:
+        raise ValueError(f"saving raw tensors needs {', '.join(missing)}")
+    # clone: views of one buffer (a loaded adapter's PackedTensors) share memory, which safetensors refuses
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+
+
 def save_adapter(
         model_or_tensors: nn.Module | Mapping[str, torch.Tensor],
         directory: str | os.PathLike,
@@ -182,49 +201,27 @@ def save_adapter(
         backbone_spec: How the frozen backbone was built; default the model's `backbone_spec`
             (set by `build_backbone`), else derived from `metadata["backbone"]` / `base_model`.
     """
-    if backbone_spec is None and isinstance(model_or_tensors, nn.Module):
-        backbone_spec = getattr(model_or_tensors, "backbone_spec", None)
     if isinstance(model_or_tensors, nn.Module):
-        model = model_or_tensors
-        own = wrapped_config(model)  # raises for a model without an adapter
-        config = config or own
-        tensors = adapter_state_dict(model)
-        fingerprint = fingerprint or backbone_fingerprint(model)
-        num_classes = num_classes or model.head.out_features
-        base_model = base_model or _model_name(model)
-        if data_config is None:
-            from timm.data import resolve_model_data_config
-            data_config = resolve_model_data_config(model)
+        backbone_spec = backbone_spec or getattr(model_or_tensors, "backbone_spec", None)
+        tensors, config, fingerprint, num_classes, base_model, data_config = _from_model(
+            model_or_tensors, config, fingerprint, num_classes, base_model, data_config)
     else:
-        # clone: views of one buffer (a loaded adapter's PackedTensors) share memory, which safetensors refuses
-        tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-                   for k, v in model_or_tensors.items()}
-        missing = [n for n, v in (("config", config), ("fingerprint", fingerprint),
-                                  ("num_classes", num_classes), ("base_model", base_model)) if v is None]
-        if missing:
-            raise ValueError(f"saving raw tensors needs {', '.join(missing)}")
+        tensors = _from_tensors(model_or_tensors, config=config, fingerprint=fingerprint,
+                                num_classes=num_classes, base_model=base_model)
     labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
     _check_tensors(tensors, num_classes, labels)
     spec = backbone_spec or _derived_spec(base_model, metadata or {})
 
+    doc = {"format_version": FORMAT_VERSION, "method": METHOD, "library": "rlrr-serve",
+           "rlrr_config": config.to_dict(), "base_model": base_model, "backbone_fingerprint": fingerprint,
+           "backbone_spec": spec.to_dict(), "num_classes": num_classes, "labels": labels,
+           "data_config": _jsonable(data_config or {}), "metadata": _jsonable(metadata or {})}
+
     def write(tmp: Path) -> None:
         weights = tmp / WEIGHTS_NAME
         save_file(tensors, str(weights), metadata={"format": "pt"})
-        doc = {
-            "format_version": FORMAT_VERSION,
-            "method": METHOD,
-            "library": "rlrr-serve",
-            "rlrr_config": config.to_dict(),
-            "base_model": base_model,
-            "backbone_fingerprint": fingerprint,
-            "backbone_spec": spec.to_dict(),
-            "num_classes": num_classes,
-            "labels": labels,
-            "data_config": _jsonable(data_config or {}),
-            "metadata": _jsonable(metadata or {}),
-            "weights_sha256": _sha256(weights),
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        text = json.dumps({**doc, "weights_sha256": _sha256(weights)}, indent=2, sort_keys=True)
+        (tmp / CONFIG_NAME).write_text(text + "\n")
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -517,34 +514,11 @@ def load_adapter(
         config = RLRRConfig.from_dict(doc["rlrr_config"])
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{CONFIG_NAME}: invalid rlrr_config: {e}") from None
-    try:
-        spec = (BackboneSpec.from_dict(doc["backbone_spec"]) if "backbone_spec" in doc
-                else _derived_spec(doc["base_model"], doc.get("metadata") or {}))
-    except (TypeError, ValueError, AttributeError) as e:
-        raise AdapterError(f"{CONFIG_NAME}: invalid backbone_spec: {e}") from None
     if backbone_spec is None and backbone is not None:
         backbone_spec = getattr(backbone, "backbone_spec", None)
-    if backbone_spec is not None:
-        check_backbone_spec(spec, backbone_spec, directory.name)
+    spec = _check_backbone(doc, directory.name, backbone, fingerprint, backbone_spec, base_model)
     num_classes = doc["num_classes"]
-    if base_model is not None and not same_model(doc["base_model"], base_model):
-        raise AdapterError(f"adapter was trained for base_model '{doc['base_model']}', but this backbone is "
-                           f"'{base_model}'")
-    if backbone is not None or fingerprint is not None:
-        expected = fingerprint or backbone_fingerprint(backbone)
-        if doc["backbone_fingerprint"] != expected:
-            raise AdapterError(
-                f"adapter was trained on backbone '{doc['base_model']}' with fingerprint "
-                f"{str(doc['backbone_fingerprint'])[:12]}…, but the given backbone's is {expected[:12]}…")
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{WEIGHTS_NAME} is missing")
-    if _sha256(weights) != doc["weights_sha256"]:
-        raise AdapterError(f"{WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME} (corrupt or truncated)")
-    try:
-        tensors = PackedTensors.load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {_no_path(str(e), weights)}") from None
+    tensors = _read_weights(directory / WEIGHTS_NAME, doc["weights_sha256"])
     _check_tensors(tensors, num_classes, list(doc["labels"]))
     if backbone is not None:
         _check_shapes(tensors, adapter_shapes(backbone, config, num_classes))
@@ -555,6 +529,40 @@ def load_adapter(
         format_version=doc["format_version"], path=directory, weights_sha256=doc["weights_sha256"],
         backbone_spec=spec,
     )
+
+
+def _check_backbone(doc: dict[str, Any], where: str, backbone: nn.Module | None, fingerprint: str | None,
+                    backbone_spec: BackboneSpec | None, base_model: str | None) -> BackboneSpec:
+    # The adapter's recorded spec, after refusing another backbone: kwargs first (they name the
+    # cause a fingerprint mismatch would only hint at), then the model name, then the weights.
+    try:
+        spec = (BackboneSpec.from_dict(doc["backbone_spec"]) if "backbone_spec" in doc
+                else _derived_spec(doc["base_model"], doc.get("metadata") or {}))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{CONFIG_NAME}: invalid backbone_spec: {e}") from None
+    if backbone_spec is not None:
+        check_backbone_spec(spec, backbone_spec, where)
+    if base_model is not None and not same_model(doc["base_model"], base_model):
+        raise AdapterError(f"adapter was trained for base_model '{doc['base_model']}', but this backbone is "
+                           f"'{base_model}'")
+    if backbone is not None or fingerprint is not None:
+        expected = fingerprint or backbone_fingerprint(backbone)
+        if doc["backbone_fingerprint"] != expected:
+            raise AdapterError(
+                f"adapter was trained on backbone '{doc['base_model']}' with fingerprint "
+                f"{str(doc['backbone_fingerprint'])[:12]}…, but the given backbone's is {expected[:12]}…")
+    return spec
+
+
+def _read_weights(weights: Path, sha256: str) -> PackedTensors:
+    if not weights.is_file():
+        raise AdapterError(f"{WEIGHTS_NAME} is missing")
+    if _sha256(weights) != sha256:
+        raise AdapterError(f"{WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME} (corrupt or truncated)")
+    try:
+        return PackedTensors.load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {_no_path(str(e), weights)}") from None
 
 
 def _no_path(message: str, path: Path) -> str:

@@ -233,6 +233,36 @@ def live_server(env: dict[str, str], log: Path) -> Iterator[str]:
             proc.wait()
 
 
+@contextmanager
+def in_thread(app) -> Iterator[int]:  # noqa: ANN001 - any ASGI app
+    """Run `app` under a real uvicorn in this process, on a free port; yields the port."""
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def serving() -> Callable[..., AbstractContextManager[int]]:
+    """`with serving(app) as port:` the app under a real uvicorn thread (keep-alive, timeouts, disconnects)."""
+    return in_thread
+
+
 @pytest.fixture(scope="session")
 def start_server() -> Callable[[dict[str, str], Path], AbstractContextManager[str]]:
     """`with start_server(env, log) as url:` a real server (see `live_server`)."""

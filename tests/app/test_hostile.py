@@ -10,17 +10,13 @@ import logging
 import re
 import shutil
 import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -124,31 +120,11 @@ def test_engine_bug_on_load_is_500_and_stores_nothing(make_settings, store, make
 
 # -- 2, 3: an unexpected error is a JSON 500 on a connection that stays usable, and is counted -----
 
-@contextmanager
-def serving(app) -> Iterator[int]:
-    """Run `app` under a real uvicorn on a free port; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def _broken_backbone_info(*args):
     raise RuntimeError("provoked bug")
 
 
-def test_500_keeps_the_keep_alive_connection_usable(make_settings, monkeypatch) -> None:
+def test_500_keeps_the_keep_alive_connection_usable(make_settings, monkeypatch, serving) -> None:
     monkeypatch.setattr(service_module, "backbone_info", _broken_backbone_info)
     with serving(create_app(make_settings(warmup=False))) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -278,7 +254,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize("method,path", [("POST", "/classify?task=alpha"), ("PUT", "/tasks/delta")])
-def test_stalled_body_is_408_and_the_connection_closed(make_settings, method, path) -> None:
+def test_stalled_body_is_408_and_the_connection_closed(make_settings, method, path, serving) -> None:
     kind = "image/png" if method == "POST" else "multipart/form-data; boundary=xyz"
     with serving(create_app(make_settings(warmup=False, body_timeout_s=0.5))) as port:
         start = time.monotonic()
@@ -292,7 +268,7 @@ def test_stalled_body_is_408_and_the_connection_closed(make_settings, method, pa
         assert time.monotonic() - start < 5
 
 
-def test_aborted_upload_logs_one_warning_without_traceback(make_settings, caplog) -> None:
+def test_aborted_upload_logs_one_warning_without_traceback(make_settings, caplog, serving) -> None:
     with serving(create_app(make_settings(warmup=False))) as port:
         caplog.clear()
         with caplog.at_level(logging.INFO):

@@ -305,8 +305,7 @@ class Engine:
                  logits: torch.Tensor) -> None:
         keys = {task.key for task in tasks}
         rows = [i for i, item in enumerate(items) if item.task.key in keys]  # contiguous runs: items are sorted
-        x = images if len(rows) == len(items) else images[rows[0]:rows[-1] + 1] if _contiguous(rows) \
-            else images.index_select(0, torch.tensor(rows, device=self.device))
+        x = self._select(images, rows)
         if form == "merged":
             for task in tasks:  # one plain forward per group (a single group in `auto`)
                 sel = [j for j, i in enumerate(rows) if items[i].task.key == task.key]
@@ -321,6 +320,12 @@ class Engine:
         width = min(out.shape[1], logits.shape[1])  # `multi` pads to its widest LOADED head: past ours is -inf
         logits[torch.tensor(rows, device=self.device), :width] = out[:, :width]
 
+    def _select(self, images: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        # Sorted items make a form's rows one run in most batches: a view then, a gather otherwise.
+        if rows[-1] - rows[0] + 1 == len(rows):
+            return images[rows[0]:rows[-1] + 1]
+        return images.index_select(0, torch.tensor(rows, device=self.device))
+
     def _fold(self, task: LoadedTask) -> Weights:
         start = time.perf_counter()
         folded = fold_adapter(self.backbone, _float32(task, self.device), task.adapter.config)
@@ -334,10 +339,6 @@ class Engine:
         self.metrics.inference.labels(kind).observe(seconds)
         for item in items:
             self.metrics.images.labels(item.task.name).inc()
-
-
-def _contiguous(rows: list[int]) -> bool:
-    return rows[-1] - rows[0] + 1 == len(rows)
 
 
 def _float32(task: LoadedTask, device: torch.device) -> Mapping[str, torch.Tensor]:

@@ -210,9 +210,9 @@ def card(args: argparse.Namespace, command: str, sizes: dict[str, int], log: lis
                          "embed": "timm HybridEmbed, 1x1 projection 320 -> 192, 4x4 tokens at 128 px",
                          "blocks": 4, "width": 192, "heads": 3, "mlp_ratio": 4.0, "pool": "avg",
                          "class_token": False},
-        "data": {"train (no labels used)": sizes, "sources": "CIFAR-10 train (JPEG), the hymenoptera train photos "
-                 "(eval view + timm-augmented views), Fashion-MNIST train where cached; never a split a task "
-                 "evaluates on"},
+        "data": {"train (no labels used)": sizes, "sources": "what trainer.stem_cache cached: CIFAR-10 train (JPEG, "
+                 "class-interleaved), the hymenoptera train photos (eval view + timm-augmented views), Fashion-MNIST "
+                 "train if asked; never a split a task evaluates on"},
         "resolution": 128,
         "recipe": {k: v for k, v in vars(args).items()
                    if k not in ("out", "cache", "resume", "threads", "imagenet_adapter")},

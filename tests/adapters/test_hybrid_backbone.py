@@ -128,3 +128,41 @@ def test_adapters_are_refused_across_the_two_backbones(hybrid: torch.nn.Module, 
     load_adapter(tmp_path / "task", backbone=src)  # its own backbone takes it
     with pytest.raises(AdapterError):
         load_adapter(tmp_path / "task", backbone=dst)
+
+
+
+def _colour_folder(root: Path) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n // 2):
+                noise = (torch.rand(48, 48, 3, generator=gen) * 40).byte()
+                Image.fromarray((noise + torch.tensor(colour, dtype=torch.uint8)).numpy()).save(
+                    root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_trainer_trains_on_cached_stem_features_and_the_adapter_loads(hybrid: torch.nn.Module,
+                                                                       tmp_path: Path) -> None:
+    from trainer.data import ImageDataset
+    from trainer.loop import TrainConfig, train
+    from trainer.run import setup
+    from trainer.tasks import Task
+
+    data = _colour_folder(tmp_path / "data")
+    make = lambda hflip, name: TrainConfig(
+        task=Task("colours", batch_size=4, hflip=hflip), data_root=str(data), backbone=HYBRID_NAME, epochs=1,
+        lr=1e-2, warmup_epochs=0, seed=0, workers=0, store=str(tmp_path / name / "store"),
+        run_dir=str(tmp_path / name / "run"))
+    augmented = setup(make(True, "aug"))  # a random flip: every epoch's input is new, so no cache for train
+    assert isinstance(augmented.train_loader.dataset, ImageDataset)
+    assert isinstance(augmented.eval_loaders["test"].dataset, CachedStemDataset)
+    cfg = make(False, "plain")
+    assert isinstance(setup(cfg).train_loader.dataset, CachedStemDataset)
+    result = train(cfg)
+    adapter = load_adapter(result.adapter_dir, backbone=hybrid)  # trained on features, valid for images
+    assert adapter.labels == ["blue", "red"] and adapter.backbone_spec.name == HYBRID_NAME

@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 from adapters import AdapterError
 
-from .config import add_train_arguments, config_from_args
-from .errors import TrainerError
+from .config import add_train_arguments, config_from_args, typed_options
+from .errors import Interrupted, TrainerError
 from .tasks import BUILTIN_TASKS
 
 __all__ = ["main", "build_parser"]
@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace, argv: list[str]) -> None:
     from .loop import train
 
-    train(config_from_args(args))
+    train(config_from_args(args, typed_options(argv)))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -131,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tasks":
             _tasks()
         else:
-            _train(args)
+            _train(args, argv[1:])
     except (TrainerError, AdapterError) as e:
         # Problems the user can fix: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # during a run: it says what was saved
+        print(str(e), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in the run's ckpt.pt; continue with --resume",
-              file=sys.stderr)
+        print("interrupted before training started: nothing was saved", file=sys.stderr)
         return 130
     return 0

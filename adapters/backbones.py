@@ -33,8 +33,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["DEFAULT_BACKBONE", "PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "BackboneSpec", "BackboneError",
-           "build_backbone", "load_weights", "hub_offline"]
+__all__ = ["DEFAULT_BACKBONE", "STOCK_TIMM", "PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "BackboneSpec",
+           "BackboneError", "build_backbone", "load_weights", "hub_offline"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PICO_NAME = "vit_pico_patch4_32.cifar5"
@@ -43,6 +43,9 @@ PICO_KWARGS = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3
 # The backbone of the demo adapters: what the server serves and the trainer trains on unless told
 # otherwise (RLRR_BACKBONE for both), so "train, then it is served" needs no backbone flag.
 DEFAULT_BACKBONE = PICO_NAME
+# In-house architectures as stock timm builds them (an entrypoint + the kwargs that override its
+# geometry), so an exported checkpoint loads with `timm.create_model` alone, without this package.
+STOCK_TIMM: dict[str, tuple[str, dict[str, Any]]] = {"vit_pico_patch4_32": ("vit_tiny_patch16_224", PICO_KWARGS)}
 
 # CIFAR-10 channel statistics: the backbone was pretrained with them.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

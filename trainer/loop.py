@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from adapters import adapter_state_dict
+
 from . import checkpoint, plots
 from .checkpoint import TrainState, load_trainable, trainable_state
 from .config import METHODS, TrainConfig
@@ -67,6 +69,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         state = checkpoint.restore(paths.ckpt, run.model, run.optimizer, run.scaler, cfg.recipe(), run.fingerprint)
         say(f"resumed from {paths.ckpt} after epoch {state.epoch}")
     checkpoint.trim_log(paths.log, state.epoch, cfg.resume)
+    if run.rlrr_config is not None and not cfg.resume:  # step 0, for the shift picture's "learned" panel
+        plots.save_init(paths.run_dir, adapter_state_dict(run.model))
     try:
         return _train_and_publish(run, state)
     except KeyboardInterrupt:

@@ -22,7 +22,11 @@ from app.routes import classify, health, page, tasks, v2
 from app.service import Front, Service
 from app.settings import Settings
 
-ROUTERS = (classify.router, tasks.router, tasks.admin, health.router, v2.router, page.router)
+# The routes both fronts mount, the single server and the Ray ingress (app.ray_serve): one list, so a
+# route added here reaches both. They call the `Front` protocol only.
+ROUTERS = (classify.router, tasks.router, health.router, v2.router, page.router)
+# Uploads and deletes write the server's own store: the single server only (Ray replicas read a shared one).
+ADMIN_ROUTERS = (tasks.admin,)
 
 
 def create_app(settings: Settings | None = None, metrics_registry: CollectorRegistry | None = None) -> FastAPI:
@@ -32,7 +36,7 @@ def create_app(settings: Settings | None = None, metrics_registry: CollectorRegi
         settings: Service settings; read from RLRR_* env vars when None.
         metrics_registry: Prometheus registry for the app's metrics; a fresh one when None.
     """
-    return build_api(Service(settings or Settings(), metrics_registry), ROUTERS)
+    return build_api(Service(settings or Settings(), metrics_registry), (*ROUTERS, *ADMIN_ROUTERS))
 
 
 def build_api(service: Front, routers: Iterable[APIRouter], title: str = "rlrr-serve",

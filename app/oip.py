@@ -15,7 +15,7 @@ import binascii
 import logging
 import math
 import struct
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request, Response
@@ -222,7 +222,7 @@ def parse_request(body: bytes, headers: Mapping[str, str]) -> InferRequest:
     return request
 
 
-def infer_response(request: InferRequest, name: str, version: str, labels: list[str],
+def infer_response(request: InferRequest, name: str, version: str, labels: Mapping[int, str] | Sequence[str],
                    predictions: list[TopK]) -> Response:
     """The protocol's answer for the engine's (index, score) lists, JSON or binary as asked.
 
@@ -230,7 +230,7 @@ def infer_response(request: InferRequest, name: str, version: str, labels: list[
         request: The request (its `id`, requested outputs and binary flags).
         name: Task name.
         version: Adapter version that answered.
-        labels: The task's class names.
+        labels: The task's class names by class index.
         predictions: One best-first list per image, all of the same length.
     """
     shape = [len(predictions), len(predictions[0]) if predictions else 0]

@@ -78,7 +78,7 @@ torch_pins() { sed -n 's/^TORCH_PINS ?= //p' Makefile; }
 build_base() {
     local pins tag codename sources
     pins=$(torch_pins); [ -n "$pins" ] || die "no TORCH_PINS in the Makefile"
-    tag=localhost/rlrr-base:$(echo "$pins" | tr -c 'a-zA-Z0-9.\n' '-' | sed 's/-*$//')
+    tag=localhost/rlrr-base:$(echo "$pins" | sed 's/==//g; s/ /-/g')  # torch2.14.1-torchvision0.29.1
     BASE=$tag
     if podman image exists "$tag"; then say "base $tag: present"; return; fi
     if ! podman image exists localhost/debian-py:rlrr; then
@@ -189,6 +189,7 @@ check_compose() {
     pc=("$W/pc/bin/podman-compose" -p "$PROJECT" -f docker-compose.yml -f deploy/compose.cpu.yml)
     export RLRR_PORT=$port RLRR_DATA_DIR=$W/data
     CLEANUP+=("${pc[*]} --profile train down -v")
+    "${pc[@]}" --profile train down -v >/dev/null 2>&1 || true  # what an interrupted run left
     "${pc[@]}" up -d >"$W/compose-up.log" 2>&1 || { cat "$W/compose-up.log"; die "podman-compose up failed"; }
     url=http://127.0.0.1:$port
     wait_ready "$url" "compose app" || { "${pc[@]}" logs app | tail -n 30; die "compose app not ready in 180 s"; }
@@ -223,4 +224,5 @@ build_base
 build_image
 check_run
 check_compose
+podman image prune -f >/dev/null  # earlier builds' layers: storage stays at one image (~6.3 GB)
 say "container check passed"

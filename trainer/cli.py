@@ -1,9 +1,8 @@
 """python -m trainer [train] --task NAME ... | export --task NAME --out FILE | report --task NAME | tasks | ...
 
-    python -m trainer --task dtd --data-root /data/vtab-1k               # recipe defaults, GPU + internet
-    python -m trainer --task dtd --checkpoint vit_b16_in21k.safetensors  # offline: local backbone weights
-    python -m trainer --task ants --data-root data/hymenoptera --backbone test_vit \\
-        --checkpoint test_vit.safetensors --img-size 32 --epochs 5       # a user ImageFolder task on CPU
+    python -m trainer --task dtd --data-root /data/vtab-1k --backbone vit_base_patch16_224.augreg_in21k  # paper
+    python -m trainer --task dtd --backbone vit_base_patch16_224 --checkpoint vit_b16.safetensors  # local weights
+    python -m trainer --task flowers --data-root ~/flowers               # your ImageFolder, the server's backbone
     python -m trainer --task dtd --resume                                # continue an interrupted run
     python -m trainer --task cub --method linear --run-dir runs/cub-lin  # baselines: ssf | linear | full
     python -m trainer --task cub --no-residual --init identity           # ablations (paper Table 6)
@@ -15,7 +14,9 @@
 
 Training (the default command) writes the task's adapter to the store; `--method full` has no
 adapter, so it writes the fine-tuned model to <run dir>/model.safetensors and leaves the store
-alone. Data root: --data-root or RLRR_DATA; store: --store or RLRR_STORE (default store/). Errors
+alone. Data root: --data-root or RLRR_DATA; store: --store or RLRR_STORE (default store/); backbone:
+--backbone or RLRR_BACKBONE (default: the server's), so a server on the same store serves the result.
+--resume reuses the run's recorded settings (a typed option that differs is refused). Errors
 the user can fix (missing data, malformed lists, offline without --checkpoint, an existing
 adapter) print one line and exit with status 2. Beside its log.jsonl a run writes training-curves.png
 (while it trains) and adapter-shift.png (at the end; see trainer/plots.py); the adapter's metadata.training

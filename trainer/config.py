@@ -99,7 +99,7 @@ class TrainConfig:
     stop_after: int | None = field(
         default=None, metadata=option("run", "stop (resumably) after this many epochs in total"))
     # The command line's settings (option dest -> value), written to the run dir for --resume.
-    settings: dict[str, Any] = field(default_factory=dict, repr=False)
+    settings: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._resolve_recipe()

@@ -258,7 +258,7 @@ def plot_shift(shifts: list[LayerShift], out: str | os.PathLike, title: str = ""
     at_start = ""
     if learned:  # the reference init is not the identity: part of ‖W′ − W‖ is there before any step
         share = sum(s.rel_init for s in shifts) / max(sum(s.rel_frobenius for s in shifts), 1e-12)
-        at_start = f" (the step-0 adapter alone: {100 * share:.0f}%)"
+        at_start = f"\n({100 * share:.0f}% of it already at step 0: the adapter's init is not the identity)"
     top = max(s.rel_frobenius for s in shifts) * 100.0 or 1.0
     _heatmap(fig, axes[0], grid("rel_frobenius"), layers, n_blocks, "viridis", 0.0, top,
              f"change from the frozen weight, ‖W′ − W‖ / ‖W‖{at_start}", "% of ‖W‖")

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -135,15 +136,26 @@ def check_labels(labels: list[str]) -> None:
     """
     seen: dict[str, int] = {}
     for i, label in enumerate(labels):
-        if not label.strip():
+        if all(unicodedata.category(c)[0] == "Z" or unicodedata.category(c) == "Cf" or c.isspace() for c in label):
             raise ValueError(f"labels[{i}] is empty or blank")
         if len(label) > LABEL_MAX:
             raise ValueError(f"labels[{i}] has {len(label)} characters; at most {LABEL_MAX}")
         if _CONTROL.search(label):
             raise ValueError(f"labels[{i}] holds a control character")
-        if label in seen:
-            raise ValueError(f"labels[{seen[label]}] and labels[{i}] are the same ({_shown(label)})")
-        seen[label] = i
+        if not _encodable(label):
+            raise ValueError(f"labels[{i}] is not valid Unicode text (a lone surrogate)")
+        key = unicodedata.normalize("NFC", label.strip())  # "cat", "cat " and a decomposed "cat" read alike
+        if key in seen:
+            raise ValueError(f"labels[{seen[key]}] and labels[{i}] are the same ({_shown(key)})")
+        seen[key] = i
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _shown(text: str, limit: int = 40) -> str:
@@ -579,11 +591,7 @@ def _no_constant(name: str) -> None:
 def _unencodable(node: Any, where: str) -> str | None:
     """The path of the first string (key or value) in a JSON document that UTF-8 cannot encode."""
     if isinstance(node, str):
-        try:
-            node.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "the document"
-        return None
+        return None if _encodable(node) else where or "the document"
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
         if isinstance(key, str) and _unencodable(key, where) is not None:

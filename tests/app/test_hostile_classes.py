@@ -483,6 +483,9 @@ BAD_LABELS = {
     "duplicate": (["cat", "dog", "cat", "bird"], "same"),
     "empty": (["cat", "", "dog", "bird"], "empty or blank"),
     "blank": (["cat", "   ", "dog", "bird"], "empty or blank"),
+    "invisible": (["cat", "\u200b\u3000", "dog", "bird"], "empty or blank"),
+    "same_once_stripped": (["cat", "dog", "cat ", "bird"], "same"),
+    "same_once_normalized": (["caf\u00e9", "dog", "cafe\u0301", "bird"], "same"),
     "huge": (["cat", "x" * 1_000_000, "dog", "bird"], "characters"),
     "control": (["cat", "dog\nbird", "fish", "bird"], "control character"),
 }
@@ -499,14 +502,17 @@ def test_unusable_labels_are_refused_and_store_nothing(client, store, make_uploa
     assert _snapshot(store) == before
 
 
-def test_trainer_cannot_save_duplicate_labels(tmp_path, backbone_state) -> None:
+@pytest.mark.parametrize(("labels", "reason"), [(["a", "a"], "same"), (["a", " "], "blank"),
+                                               (["a", "\ud800"], "not valid Unicode")])
+def test_trainer_cannot_save_unusable_labels(tmp_path, backbone_state, labels, reason) -> None:
     import timm
 
     model = timm.create_model("test_vit", pretrained=False)
     model.load_state_dict(backbone_state)
     add_rlrr(model, RLRRConfig.preset("rlrr"), num_classes=2)
-    with pytest.raises(AdapterError, match="same"):
-        save_adapter(model, tmp_path / "dup", base_model="test_vit", labels=["a", "a"])
+    with pytest.raises(AdapterError, match=reason):
+        save_adapter(model, tmp_path / "bad", base_model="test_vit", labels=labels)
+    assert not (tmp_path / "bad").exists()
 
 
 # -- uvicorn's own limits, the proxy's in deploy/ --------------------------------------------------------

@@ -63,8 +63,11 @@ def main() -> int:
 # own (RLRR_BODY_TIMEOUT_S).
 UVICORN_LIMITS = {
     "timeout_keep_alive": 5,  # s an idle keep-alive connection is held between requests
-    "limit_concurrency": 1000,  # connections + requests in progress; beyond it new ones get 503 at once
-    "h11_max_incomplete_event_size": 16 * 1024,  # bytes of request line + headers buffered (431/400 beyond)
+    "limit_concurrency": 4096,  # connections + requests in progress (8x the default queue); beyond: 503 at once
+    # h11, not httptools (uvicorn's pick when installed): httptools buffers a header of any size
+    # (131 MB of one header line were taken in a test), h11 refuses beyond this many bytes.
+    "http": "h11",
+    "h11_max_incomplete_event_size": 16 * 1024,  # bytes of request line + headers buffered (400 beyond)
     "backlog": 2048,  # connections waiting to be accepted
     "timeout_graceful_shutdown": 30,  # s open connections get to finish on SIGTERM
     "server_header": False,  # no "server: uvicorn" version banner

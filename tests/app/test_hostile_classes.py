@@ -525,10 +525,25 @@ def test_python_m_app_gives_uvicorn_its_connection_limits(monkeypatch) -> None:
     assert app_main.main() == 0
     (kwargs,) = calls
     assert kwargs["timeout_keep_alive"] <= 10 and kwargs["limit_concurrency"] >= 100
-    assert kwargs["h11_max_incomplete_event_size"] <= 64 * 1024
+    assert kwargs["http"] == "h11" and kwargs["h11_max_incomplete_event_size"] <= 64 * 1024  # httptools: unbounded
     nginx = (REPO / "deploy" / "nginx.conf").read_text()
     assert re.search(r"^\s*client_header_timeout \d+s;", nginx, re.M)
     assert "client_header_timeout" in (REPO / "deploy" / "README.md").read_text()
+
+
+def test_python_m_app_refuses_an_endless_header(start_server, store, checkpoint, tmp_path) -> None:
+    env = {"RLRR_STORE": str(store), "RLRR_BACKBONE": "test_vit", "RLRR_CHECKPOINT": str(checkpoint),
+           "RLRR_DEVICE": "cpu", "RLRR_WARMUP": "false", "RLRR_PREPROCESS_WORKERS": "1"}
+    with start_server(env, tmp_path / "server.log") as url:
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        with pytest.raises(ConnectionError):  # reset once 16 KiB of headers are passed (httptools took 131 MB)
+            while sent < 64 * 2**20:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        sock.close()
+    assert sent < 16 * 2**20, sent  # what the kernel's socket buffers hold, no more
 
 
 # -- a store folder the API cannot name: its reason says what to do ---------------------------------------

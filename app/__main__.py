@@ -79,9 +79,26 @@ def main() -> int:
         log.error(reason)
         return 2
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower())
+                            log_level=settings.log_level.lower(), **UVICORN_LIMITS)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+# What uvicorn itself can bound of a hostile client. It has no deadline for a request's headers (a
+# connection that never finishes them is held until the client goes): a proxy in front sets that,
+# and the other limits a proxy knows better (deploy/README.md). The body's deadline is the app's
+# own (RLRR_BODY_TIMEOUT_S).
+UVICORN_LIMITS = {
+    "timeout_keep_alive": 5,  # s an idle keep-alive connection is held between requests
+    "limit_concurrency": 4096,  # connections + requests in progress (8x the default queue); beyond: 503 at once
+    # h11, not httptools (uvicorn's pick when installed): httptools buffers a header of any size
+    # (131 MB of one header line were taken in a test), h11 refuses beyond this many bytes.
+    "http": "h11",
+    "h11_max_incomplete_event_size": 16 * 1024,  # bytes of request line + headers buffered (400 beyond)
+    "backlog": 2048,  # connections waiting to be accepted
+    "timeout_graceful_shutdown": 30,  # s open connections get to finish on SIGTERM
+    "server_header": False,  # no "server: uvicorn" version banner
+}
 
 
 if __name__ == "__main__":

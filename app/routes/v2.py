@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 
 from app.deps import FrontDep, SettingsDep
-from app.errors import UnknownTask
+from app.errors import V2_PREFIX, UnknownTask
 from app.oip import (
     HEADER_LENGTH,
     ErrorBody,
@@ -33,10 +33,10 @@ from app.registry import NAME_MAX, NAME_PATTERN
 from app.schemas import ClassifyResponse, TaskDetail
 
 # "4XX" too: every client error is the protocol's body (invalid parameters answer 400, not FastAPI's 422)
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 415, 503, "4XX")}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 408, 413, 415, 503, "4XX")}
 _VERSION = {"parameters": [{"name": "version", "in": "path", "required": True, "description": "Adapter version",
                             "schema": {"type": "string"}}]}  # read by `served_task` from the path
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=OIPRoute, responses=_ERRORS)
+router = APIRouter(prefix=V2_PREFIX, tags=["v2 (Open Inference Protocol)"], route_class=OIPRoute, responses=_ERRORS)
 _INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": inline_schema(InferRequest)},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary",
@@ -112,7 +112,7 @@ async def infer(request: Request, task: TaskName, front: FrontDep, settings: Set
     """Top-k `labels` and `scores` ([images, top_k]) of each element of the BYTES input `image`."""
     front.admit(task)  # as /classify: unknown task (404) or a full queue (503) before the body is read
     request.state.task = task
-    call = parse_request(await read_body(request, settings.max_body_bytes), request.headers)
+    call = parse_request(await read_body(request, settings.max_body_bytes, settings.body_timeout_s), request.headers)
     k, images = call.top_k(), call.images()
     check_images(images, settings.max_images)
     answer = await front.classify(task, images, k)

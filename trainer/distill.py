@@ -259,8 +259,10 @@ def export_imagenet_adapter(store: Path) -> Path:
                     "selection": "none: the backbone's distilled head, no task training"},
         "method": "linear", "source": "adapters/weights/hybrid_model_card.json",
     }
-    return save_adapter(model, store / "imagenet", labels=[info.index_to_description(i) for i in range(1000)],
-                        metadata=metadata)
+    names = [info.index_to_description(i) for i in range(1000)]
+    # Labels must be unique: the two 'crane's (bird, machine) get their WordNet ids.
+    labels = [f"{n} ({info.index_to_label_name(i)})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return save_adapter(model, store / "imagenet", labels=labels, metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

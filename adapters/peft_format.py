@@ -24,7 +24,7 @@ from .inject import adapter_shapes, base_module, match_modules
 from .methods import IA3Config, LoRAConfig
 from .names import HEAD_NAMES, IA3_L, LORA_A, LORA_B
 
-__all__ = ["is_peft_config", "read_peft", "from_peft", "to_peft", "PEFT_TYPES"]
+__all__ = ["is_peft_config", "read_peft", "from_peft", "to_peft", "check_exportable", "PEFT_TYPES"]
 
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3"}
 PREFIX = "base_model.model."
@@ -168,6 +168,12 @@ def from_peft(doc: dict[str, Any], tensors: Mapping[str, torch.Tensor], model: n
     return config, out, num_classes
 
 
+def check_exportable(config: Any) -> None:
+    """Raise AdapterConfigError unless PEFT has a type for this adapter's method (LoRA, IA³)."""
+    if not isinstance(config, LoRAConfig | IA3Config):
+        raise AdapterConfigError(f"PEFT has no format for {type(config).__name__} adapters (LoRA and IA³ only)")
+
+
 def to_peft(config: LoRAConfig | IA3Config, tensors: Mapping[str, torch.Tensor], model: nn.Module
             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config.json, adapter_model.safetensors tensors) of a LoRA or IA³ adapter in PEFT's format.
@@ -190,7 +196,7 @@ def to_peft(config: LoRAConfig | IA3Config, tensors: Mapping[str, torch.Tensor],
         doc = {"peft_type": "IA3", "feedforward_modules": sorted(ff), "fan_in_fan_out": False,
                "init_ia3_weights": True}
     else:
-        raise AdapterConfigError(f"PEFT has no format for {type(config).__name__} adapters (LoRA and IA³ only)")
+        check_exportable(config)
     # explicit paths, not our suffixes: PEFT matches a list entry by exact name or '.'-suffix too
     doc.update(target_modules=sorted(match_modules(model, config.target_modules)), modules_to_save=["head"],
                base_model_name_or_path=None, task_type=None, inference_mode=True,

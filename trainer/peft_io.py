@@ -19,12 +19,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from adapters import CONFIG_NAME, WEIGHTS_NAME, backbone_fingerprint, load_adapter, save_adapter
-from adapters.peft_format import from_peft, read_peft, to_peft
+from adapters.peft_format import check_exportable, from_peft, read_peft, to_peft
 
 from .backbone import DEFAULT_BACKBONE, backbone_spec, create_backbone
 from .errors import ConfigError, StoreError
 
-__all__ = ["import_peft", "export_peft", "read_labels"]
+__all__ = ["import_peft", "export_peft", "read_labels", "ABOUT_NAME"]
+
+ABOUT_NAME = "rlrr_serve.json"  # labels, class count and backbone of an exported PEFT folder
 
 
 def read_labels(value: str | None) -> list[str] | None:
@@ -56,7 +58,7 @@ def import_peft(directory: str | os.PathLike, task: str, labels: list[str] | Non
     Args:
         directory: PEFT's folder (adapter_config.json + adapter_model.safetensors).
         task: Task name (the folder in the store).
-        labels: Class names; '0', '1', ... when None.
+        labels: Class names; when None, those of a folder `export --format peft` wrote, else '0', '1', ...
         store: The adapter store.
         backbone: timm name of the backbone it will be served on.
         checkpoint: Local backbone weights (the fingerprint the server will check).
@@ -73,6 +75,9 @@ def import_peft(directory: str | os.PathLike, task: str, labels: list[str] | Non
         raise StoreError(f"{directory} is not a PEFT adapter folder: {missing} missing")
     if out.exists() and not overwrite:
         raise StoreError(f"{out} already exists; pass --overwrite to replace it")
+    about = directory / ABOUT_NAME  # a folder this trainer exported: its class names come back
+    if labels is None and about.is_file():
+        labels = json.loads(about.read_text()).get("labels")
     spec = backbone_spec(backbone, checkpoint, img_size)
     model = create_backbone(spec)
     doc, tensors = read_peft(files[0].read_bytes(), files[1].read_bytes())
@@ -96,20 +101,24 @@ def export_peft(task: str, out: str | os.PathLike, store: str | os.PathLike = "s
     directory = Path(store) / task
     if not directory.is_dir():
         raise StoreError(f"no adapter for task '{task}' in {store} ({directory} does not exist)")
-    spec = load_adapter(directory).backbone_spec
+    recorded = load_adapter(directory)
+    check_exportable(recorded.config)  # before building a backbone
+    spec = recorded.backbone_spec
     if checkpoint is not None:
         spec = backbone_spec(spec.name, checkpoint, spec.model_kwargs.get("img_size"))
     model = create_backbone(spec)
     adapter = load_adapter(directory, backbone=model)  # refuses other weights or shapes
     doc, tensors = to_peft(adapter.config, adapter.tensors, model)
-    doc["rlrr_serve"] = {"task": task, "labels": adapter.labels, "num_classes": adapter.num_classes,
-                         "backbone": spec.name, "model_kwargs": spec.model_kwargs}
+    # PEFT stores no class names or backbone: beside its files, in a file PEFT does not read
+    about = {"task": task, "labels": adapter.labels, "num_classes": adapter.num_classes, "backbone": spec.name,
+             "model_kwargs": spec.model_kwargs}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        (tmp / ABOUT_NAME).write_text(json.dumps(about, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # a crash leaves the old folder or none, never half a new one

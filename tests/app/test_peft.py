@@ -195,3 +195,29 @@ def test_import_peft_refuses_with_the_reason(backbone, folders, tmp_path, capsys
     assert not (tmp_path / "store" / "x").exists()
 
 
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3"])
+def test_export_peft_loads_in_peft_with_the_served_scores(client, backbone, name, tmp_path) -> None:
+    state, checkpoint = backbone
+    store = Path(client.app.state.service.registry.store)
+    out = tmp_path / f"exported-{name}"
+    assert trainer_main(["export", "--task", f"imported-{name}", "--format", "peft", "--out", str(out),
+                         "--store", str(store), "--checkpoint", str(checkpoint)]) == 0
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=CLASSES)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+    pm = peft.PeftModel.from_pretrained(model, str(out)).eval()
+    image = _png(3)
+    assert (_served(client, f"imported-{name}", image) - _peft_probs(pm, image)).abs().max() <= PEFT_ATOL
+
+
+def test_export_peft_refuses_a_method_peft_lacks(client, tmp_path, capsys) -> None:
+    # RLRR has no PEFT type: a clear error, not a folder PEFT would misread
+    from adapters import RLRRConfig, add_adapter, save_adapter
+
+    model = add_adapter(timm.create_model("test_vit", pretrained=False), RLRRConfig(), 2)
+    save_adapter(model, tmp_path / "store" / "r", base_model="test_vit")
+    code = trainer_main(["export", "--task", "r", "--format", "peft", "--out", str(tmp_path / "o"),
+                         "--store", str(tmp_path / "store")])
+    assert code == 2 and "PEFT has no format" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

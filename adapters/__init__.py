@@ -14,7 +14,7 @@ from .errors import (
     AdapterValueError,
     UnknownTaskError,
 )
-from .inject import adapter_shapes, adapter_state_dict, add_adapter, add_rlrr, backbone_fingerprint, plan_targets
+from .inject import adapter_state_dict, backbone_fingerprint, plan_targets
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -31,6 +31,7 @@ from .methods import METHODS, BitFitConfig, IA3Config, LoRAConfig, method_of
 from .multitask import MultiTaskViT, TaskHandle
 from .names import tensor_name
 from .packed import PackedTensors
+from .wrap import adapter_shapes, add_adapter, add_rlrr
 
 __all__ = [
     "RLRRConfig", "LoRAConfig", "BitFitConfig", "IA3Config", "METHODS", "method_of", "add_adapter",

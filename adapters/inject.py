@@ -1,7 +1,7 @@
-"""Find an adapter's targets in a timm VisionTransformer, wrap them, freeze the rest.
+"""Find an adapter's targets in a timm VisionTransformer; the helpers every method's wrapping uses.
 
-`add_adapter` (alias `add_rlrr`) and `adapter_shapes` serve every method (`adapters.methods`);
-`plan_targets` is RLRR's target rule, `match_modules` PEFT's (LoRA, IA³).
+`plan_targets` is RLRR's target rule, `match_modules` PEFT's (LoRA, IA³); `adapters.wrap` puts a
+method's wrappers in (`add_adapter`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .layers import AdapterWrapper
 from .names import HEAD_NAMES, is_adapter_key
 
 __all__ = [
-    "Target", "plan_targets", "add_rlrr", "add_adapter", "adapter_state_dict", "adapter_shapes", "unwrap",
+    "Target", "plan_targets", "adapter_state_dict", "unwrap", "feature_dim",
     "base_module", "backbone_fingerprint", "wrapped_config", "match_modules", "out_channels", "set_module",
     "patch_conv_path",
 ]
@@ -50,7 +50,7 @@ def base_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise AdapterModelError(
             f"RLRR supports timm VisionTransformer models, got {type(model).__name__}; "
@@ -84,7 +84,7 @@ def plan_targets(model: nn.Module, config: RLRRConfig) -> list[Target]:
         model: A timm VisionTransformer, plain or already wrapped.
         config: The adapter configuration; another method's config touches no RLRR target ([]).
     """
-    _check_supported(model)
+    check_supported(model)
     if not isinstance(config, RLRRConfig):
         return []
     targets: list[Target] = []
@@ -130,7 +130,7 @@ def match_modules(model: nn.Module, names: tuple[str, ...], what: str = "target_
     Raises:
         AdapterConfigError: A name matches nothing, or matches a module that is not adaptable.
     """
-    _check_supported(model)
+    check_supported(model)
     allowed = {f"blocks.{i}.{n}" for i, block in enumerate(model.blocks) for n, m in block.named_modules()
                if isinstance(base_module(m), nn.Linear) and "base_layer" not in n}
     allowed |= {patch_conv_path(model)} - {None}
@@ -156,7 +156,7 @@ def _get(root: nn.Module, path: str, where: str) -> nn.Module:
         raise AdapterModelError(f"{where} has no module '{path}' (not a standard timm ViT block?)") from None
 
 
-def _feature_dim(model: nn.Module) -> int:
+def feature_dim(model: nn.Module) -> int:
     return model.num_features if hasattr(model, "num_features") else model.embed_dim
 
 
@@ -165,56 +165,6 @@ def out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
     return module.weight.shape[0]
-
-
-def adapter_shapes(model: nn.Module, config: Any, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor an adapter for this model and config holds (head included).
-
-    Args:
-        model: The backbone (plain or wrapped).
-        config: The adapter configuration (any method's).
-        num_classes: Classes of the task head.
-    """
-    from .methods import method_of  # adapters.methods builds on this module's helpers
-
-    shapes = method_of(config).shapes(model, config)
-    head_weight, head_bias = HEAD_NAMES
-    shapes[head_weight] = (num_classes, _feature_dim(model))
-    shapes[head_bias] = (num_classes,)
-    return shapes
-
-
-def add_adapter(model: nn.Module, config: Any = None, num_classes: int = 1000) -> nn.Module:
-    """Turn a timm ViT into an adapted model, in place: frozen backbone, adapter tensors, new head.
-
-    Args:
-        model: A plain timm VisionTransformer.
-        config: Any method's config (`RLRRConfig`, `LoRAConfig`, ...); the RLRR paper's when None.
-        num_classes: Classes of the new zero-initialised task head.
-
-    Returns:
-        The same model object, wrapped; `model.rlrr_config` holds the config (any method's).
-    """
-    from .methods import method_of
-
-    config = config if config is not None else RLRRConfig()
-    method = method_of(config)
-    if hasattr(model, "rlrr_config"):
-        raise AdapterModelError("model already has an adapter; start from a plain timm model")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    _check_supported(model)
-    method.shapes(model, config)  # refuses targets the model lacks before anything changes
-    model.requires_grad_(False)
-    model.reset_classifier(num_classes)
-    nn.init.zeros_(model.head.weight)  # reference init: head = 0
-    nn.init.zeros_(model.head.bias)
-    method.wrap(model, config)
-    model.rlrr_config = config
-    return model
-
-
-add_rlrr = add_adapter  # the name from before other methods existed
 
 
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:

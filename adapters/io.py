@@ -29,10 +29,11 @@ from safetensors.torch import save_file
 
 from .backbones import BackboneSpec
 from .errors import AdapterError, AdapterModelError, AdapterShapeError, AdapterValueError
-from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint, wrapped_config
+from .inject import adapter_state_dict, backbone_fingerprint, wrapped_config
 from .methods import METHODS, config_from_dict, method_of
 from .names import HEAD_NAMES
 from .packed import PackedTensors
+from .wrap import adapter_shapes
 
 __all__ = ["Adapter", "AdapterError", "AdapterConfigFile", "DataConfigFile", "save_adapter", "load_adapter",
            "install_adapter", "remove_adapter", "stale_uploads", "remove_stale_uploads", "same_model",

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from . import rlrr
 from .config import RLRRConfig
 from .errors import AdapterModelError, AdapterShapeError, UnknownTaskError
-from .inject import adapter_shapes, base_module, patch_conv_path, plan_targets
+from .inject import base_module, patch_conv_path, plan_targets
 from .merge import adapter_forms
 from .methods import Forms
 from .names import HEAD_NAMES
 from .packed import PackedTensors
+from .wrap import adapter_shapes
 
 __all__ = ["MultiTaskViT", "TaskHandle", "Batch"]
 

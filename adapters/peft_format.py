@@ -20,9 +20,10 @@ import torch.nn as nn
 from safetensors.torch import load as safetensors_load
 
 from .errors import AdapterConfigError, AdapterShapeError
-from .inject import adapter_shapes, base_module, match_modules
+from .inject import base_module, match_modules
 from .methods import IA3Config, LoRAConfig
 from .names import HEAD_NAMES, IA3_L, LORA_A, LORA_B
+from .wrap import adapter_shapes
 
 __all__ = ["is_peft_config", "read_peft", "from_peft", "to_peft", "check_exportable", "PEFT_TYPES"]
 

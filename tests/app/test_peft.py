@@ -16,8 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform, resolve_data_config
 
+from adapters import BitFitConfig, RLRRConfig, add_adapter, merge_adapter, save_adapter
 from app.main import create_app
 from app.settings import Settings
+from app.tasks import BatchItem
 from trainer.cli import main as trainer_main
 
 peft = pytest.importorskip("peft")  # the dev extra; the oracle only
@@ -88,10 +90,33 @@ def _peft_probs(pm: torch.nn.Module, image: bytes) -> torch.Tensor:
         return pm(x).softmax(-1)[0]
 
 
+OURS = {"rlrr": RLRRConfig(), "bitfit": BitFitConfig(), "ssf": RLRRConfig.preset("ssf")}
+
+
 @pytest.fixture(scope="module")
-def client(backbone, folders, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def ours(backbone, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn.Module, object]]:
+    """This library's RLRR, BitFit and SSF adapters on the same backbone: (merged reference, config)."""
+    state, _ = backbone
+    out = {}
+    for seed, (name, config) in enumerate(OURS.items()):
+        model = timm.create_model(BACKBONE, pretrained=False)
+        model.load_state_dict(state)
+        add_adapter(model, config, CLASSES)
+        g = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        out[name] = model.eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(backbone, folders, ours, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     _, checkpoint = backbone
     store = tmp_path_factory.mktemp("peft_store")
+    for name, model in ours.items():
+        save_adapter(model, store / name, base_model=BACKBONE, labels=LABELS)
     # import-peft writes one task before the server starts; PUT adds the others while it runs
     for name in folders:
         assert trainer_main(["import-peft", str(folders[name][0]), "--task", f"imported-{name}", "--labels",
@@ -131,6 +156,33 @@ def test_served_scores_equal_the_peft_model(client, folders, name) -> None:
         assert (_served(client, f"put-{name}", image) - expected).abs().max() <= PEFT_ATOL
         assert (_served(client, f"imported-{name}", image) - expected).abs().max() <= PEFT_ATOL
     assert expected.max() - expected.min() > 1e-3  # not a flat head: the comparison means something
+
+
+@pytest.mark.parametrize("form", [None, "merged", "segmented", "unmerged"])
+def test_mixed_method_batch_through_the_engine_equals_each_task_alone(client, folders, ours, form) -> None:
+    # Rows cycle RLRR, PEFT LoRA, PEFT IA³, BitFit and SSF tasks in one batch, in every form the
+    # planner can choose (None: auto); each row must be its own task's model.
+    import asyncio
+
+    service = client.app.state.service
+    names = ["rlrr", "imported-lora", "imported-ia3", "bitfit", "ssf"]
+    images = [_png(10 + i) for i in range(2 * len(names))]
+    items = []
+    for i, image in enumerate(images):
+        task = service.registry.get(names[i % len(names)])
+        items.append(BatchItem(task, task.transform(Image.open(io.BytesIO(image)).convert("RGB")), CLASSES))
+    engine = service.engine
+    got = asyncio.run(engine._call(engine._run_batch, items, form, False))
+    for i, image in enumerate(images):
+        name = names[i % len(names)]
+        if name.startswith("imported-"):
+            expected = _peft_probs(folders[name.removeprefix("imported-")][1], image)
+        else:
+            expected = _peft_probs(merge_adapter(ours[name]).eval(), image)
+        served = torch.zeros(CLASSES)
+        for index, score in got[i]:
+            served[index] = score
+        assert (served - expected).abs().max() <= PEFT_ATOL, (name, form)
 
 
 def _lora_doc(directory: Path) -> dict:

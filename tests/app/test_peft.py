@@ -149,7 +149,7 @@ def test_served_scores_equal_the_peft_model(client, folders, name) -> None:
     directory, pm = folders[name]
     response = client.put(f"/tasks/put-{name}", files=_files(directory), headers=AUTH)
     assert response.status_code == 200, response.text
-    assert response.json()["config"] and response.json()["labels"] == LABELS
+    assert response.json()["method"] == name and response.json()["labels"] == LABELS
     for seed in (1, 2):
         image = _png(seed)
         expected = _peft_probs(pm, image)

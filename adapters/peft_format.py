@@ -77,6 +77,8 @@ def _refuse_set(doc: dict[str, Any], rules: Mapping[str, str]) -> None:
 def _paths(model: nn.Module, value: Any, field: str) -> tuple[str, ...]:
     # PEFT: a list matches by name or path suffix, a string is a regex matched against whole paths.
     if isinstance(value, str):
+        if len(value) > 512:  # a regex from an upload: bounded, as every other field is
+            raise AdapterConfigError(f"{field}: a pattern of {len(value)} characters; at most 512")
         paths = [p for p, _ in model.named_modules() if p and re.fullmatch(value, p)]
         if not paths:
             raise AdapterConfigError(f"{field}: the pattern {value!r} matches no module of this backbone")

@@ -197,6 +197,10 @@ REFUSALS = {  # what is changed -> the field the reason must name
     "peft_type": (lambda d: {**d, "peft_type": "LOHA"}, None, "peft_type"),
     "targets": (lambda d: {**d, "target_modules": ["query", "value"]}, None, "target_modules"),
     "labels": (lambda d: d, None, "labels"),
+    "no_head": (lambda d: {**d, "modules_to_save": None}, None, "modules_to_save"),
+    "bias": (lambda d: {**d, "bias": "all"}, None, "bias"),
+    "rank_pattern": (lambda d: {**d, "rank_pattern": {"qkv": 4}}, None, "rank_pattern"),
+    "regex": (lambda d: {**d, "target_modules": r"blocks\.\d+\.nothing"}, None, "target_modules"),
     "missing": (lambda d: d, "drop", "missing"),
     "shape": (lambda d: {**d, "r": 4}, None, "shape"),
 }

@@ -163,7 +163,9 @@ class Service:
         self.batcher.check_room(len(images))  # a full queue answers 503 before any decoding work
         tensors = await self.preprocessor.decode_many(images, task.transform, scale_size(task.data_config))
         futures = self.batcher.submit_many([BatchItem(task, t, k) for t in tensors])
-        return list(await asyncio.gather(*futures))
+        predictions = list(await asyncio.gather(*futures))
+        self.metrics.images.labels(task.name).inc(len(predictions))  # counted once the whole request is answered
+        return predictions
 
     async def catalog(self) -> TaskList:
         """The backbone and every task: servable (`loaded`) or refused with its reason (`skipped`)."""

@@ -128,9 +128,18 @@ async function loadTasks() {
   const loaded = body.tasks.filter((t) => t.state === "loaded");
   $("task-count").textContent = `(${loaded.length} served${body.tasks.length > loaded.length ? `, ${body.tasks.length - loaded.length} refused` : ""})`;
   $("tasks").append(...body.tasks.map(taskCard));
-  const wanted = decodeURIComponent(location.hash.slice(1));
+  const wanted = fragmentTask();
   chooseTask(loaded.some((t) => t.name === wanted) ? wanted : loaded[0]?.name ?? null);
   document.body.dataset.ready = "true";
+}
+
+function fragmentTask() {
+  // The task named after '#'; a malformed escape (#%E0%A4%A) names none, and must not stop the page.
+  try {
+    return decodeURIComponent(location.hash.slice(1));
+  } catch {
+    return "";
+  }
 }
 
 function resultRow(file, task, k) {

@@ -64,6 +64,7 @@ class TaskInfo(BaseModel):
     state: Literal["loaded", "skipped"]
     reason: str | None = None
     version: str | None = None
+    method: str | None = Field(None, description="The adapter's method: rlrr, lora, bitfit or ia3.")
     num_classes: int | None = None
     labels: list[str] = Field(default_factory=list, description="Class names, by class index.")
     parameters: int | None = None
@@ -133,7 +134,8 @@ def task_info(task: LoadedTask) -> TaskInfo:
         task: The loaded task.
     """
     a = task.adapter
-    return TaskInfo(name=task.name, state="loaded", version=task.version, num_classes=a.num_classes, labels=a.labels,
+    return TaskInfo(name=task.name, state="loaded", version=task.version, method=a.method,
+                    num_classes=a.num_classes, labels=a.labels,
                     parameters=a.num_params, bytes=a.nbytes, base_model=a.base_model,
                     metrics=dict(a.metadata.get("metrics") or {}), loaded_at=task.loaded_at)
 

@@ -24,6 +24,7 @@ from app.batcher import Batcher
 from app.engine import Engine
 from app.errors import InvalidAdapter, NotReady, UnknownTask
 from app.metrics import Metrics
+from app.peft_upload import is_peft_upload, peft_to_adapter
 from app.preprocess import Preprocessor, scale_size
 from app.registry import Registry, check_name
 from app.schemas import ClassifyResponse, TaskDetail, TaskInfo, TaskList, backbone_info, classify_response, task_detail
@@ -187,14 +188,17 @@ class Service:
             return TaskDetail(name=name, state="skipped", reason=self.registry.skipped[name])
         return task_detail(self.registry.get(name))
 
-    async def add_task(self, name: str, config: bytes, weights: bytes) -> TaskDetail:
+    async def add_task(self, name: str, config: bytes, weights: bytes, labels: list[str] | None = None) -> TaskDetail:
         """Validate an adapter, write it into the store atomically and serve it (nothing changes if it fails).
 
         Args:
             name: Task name (already validated).
-            config: Contents of the adapter's config file.
+            config: Contents of the adapter's config file (this server's, or PEFT's).
             weights: Contents of its weights file.
+            labels: Class names of a PEFT adapter (PEFT stores none).
         """
+        if is_peft_upload(config):  # converted for this backbone, then the same validation and install
+            config, weights = await asyncio.to_thread(peft_to_adapter, self.engine, config, weights, labels)
         return task_detail(await self.registry.install(name, config, weights))
 
     async def remove_task(self, name: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adapters import RLRRConfig, add_rlrr, backbone_fingerprint
+from adapters import add_rlrr, backbone_fingerprint
 from adapters.backbones import BackboneSpec
 
 from .backbone import backbone_spec, create_backbone
@@ -60,7 +60,7 @@ class Run:
     data: TaskData
     spec: BackboneSpec
     model: nn.Module
-    rlrr_config: RLRRConfig | None  # None: full fine-tuning
+    rlrr_config: Any  # the adapter config of any method (RLRRConfig, LoRAConfig, ...); None: full fine-tuning
     fingerprint: str
     data_config: dict[str, Any]
     train_loader: DataLoader

@@ -584,3 +584,33 @@ def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     if problems:
         raise AdapterShapeError("adapter does not fit this backbone: " + "; ".join(problems))
 
+
+
+def read_adapter_config(
+        directory: str | os.PathLike,
+        fingerprint: str | None = None,
+        backbone_spec: BackboneSpec | None = None,
+        base_model: str | None = None,
+) -> dict[str, Any]:
+    """Read and validate an adapter folder's config, and refuse another backbone, without reading its tensors.
+
+    What a server with thousands of adapters reads at start-up; `load_adapter` reads and checks the
+    tensors (checksum, shapes, values) when the adapter is first used.
+
+    Args:
+        directory: The adapter folder.
+        fingerprint: The served backbone's fingerprint; the adapter must have been trained on it.
+        backbone_spec: The served backbone's spec; its `model_kwargs` must match the adapter's.
+        base_model: timm name of the served backbone (see `load_adapter`).
+
+    Raises:
+        AdapterError: Missing or invalid config, or an adapter for another backbone.
+    """
+    directory = Path(directory)
+    doc = _read_config(directory)
+    try:
+        RLRRConfig.from_dict(doc["rlrr_config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{CONFIG_NAME}: invalid rlrr_config: {e}") from None
+    _check_backbone(doc, directory.name, None, fingerprint, backbone_spec, base_model)
+    return doc

@@ -81,7 +81,6 @@ class Engine:
         self.multi = MultiTaskViT(backbone)
         self.calibration_batch = calibration_batch
         self._bounds = weight_bounds(backbone)  # max|W| per rescaled layer, for the load-time check
-        self._retired: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=flush_denormals)
 
     @property
@@ -130,18 +129,20 @@ class Engine:
         """
         await asyncio.to_thread(self._prepare, task)
 
-    async def retire(self, task: LoadedTask) -> None:
-        """Stop serving a replaced or deleted task version and free it (now, not after the batch).
+    async def retire(self, task: LoadedTask, trim: bool = True) -> None:
+        """Stop serving a replaced, deleted or evicted task version and free it (now, not after the batch).
 
         A batch already running keeps its snapshot; one still queued with this version re-adds it
         once and frees it again afterwards.
 
         Args:
             task: The old version.
+            trim: Hand freed heap pages back to the OS now (evictions trim in bulk instead).
         """
-        self._retired.add(task.key)
+        task.retired = True  # on the version itself: a set of retired keys would grow with every eviction
         self._prune([task.key])
-        await asyncio.to_thread(trim_heap)
+        if trim:
+            await asyncio.to_thread(trim_heap)
 
     async def warm_up(self, tasks: list[LoadedTask]) -> None:
         """Run each form once (kernels, allocator, lazy init), then time them for `auto`.
@@ -168,8 +169,8 @@ class Engine:
         self.multi.add_task(task.key, adapter.tensors, adapter.config, adapter.num_classes)
 
     def _prune(self, keys: list[str]) -> None:
-        # Keys are unique per loaded version, so a retired key never comes back; remembering it
-        # (`_retired`) lets a batch that still held the old version free it again afterwards.
+        # Keys are unique per loaded version, so a retired key never comes back; the version's
+        # `retired` flag lets a batch that still held it free it again afterwards.
         loaded = set(self.multi.task_names)
         for key in keys:
             if key in loaded:
@@ -277,7 +278,7 @@ class Engine:
                 if keys:
                     self._forward(form, images, items, [tasks[k] for k in keys], logits)
             predictions = _top_k(logits, items)
-        stale = [key for key in tasks if key in self._retired]
+        stale = [key for key, task in tasks.items() if task.retired]
         if stale:  # this batch still used a replaced/deleted version: free it again
             self._prune(stale)
         if record:
@@ -337,8 +338,8 @@ class Engine:
     def _record(self, kind: BatchKind, items: list[BatchItem], seconds: float) -> None:
         self.metrics.batches.labels(kind).inc()
         self.metrics.inference.labels(kind).observe(seconds)
-        for item in items:
-            self.metrics.images.labels(item.task.name).inc()
+        for name, n in collections.Counter(item.task.name for item in items).items():
+            self.metrics.count_images(name, n)
 
 
 def _float32(task: LoadedTask, device: torch.device) -> Mapping[str, torch.Tensor]:

@@ -43,16 +43,16 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-def served_task(request: Request, service: ServiceDep,
+async def served_task(request: Request, service: ServiceDep,
                 task: Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]) -> LoadedTask:
-    """The task named in the path, at the version in the path if there is one.
+    """The task named in the path (made resident if only stored), at the version in the path if there is one.
 
     Args:
         request: The request (its `version` path parameter, and `state.task` for metrics).
         service: The service.
         task: Task name.
     """
-    loaded = service.registry.get(task)
+    loaded = await service.load_task(task)
     request.state.task = task
     version = request.path_params.get("version")
     if version is not None and version != loaded.version:

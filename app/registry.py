@@ -339,7 +339,7 @@ class Registry:
             entry = Entry(name, self.signature(name), _stored_of(task), pinned=pinned or name in self.pinned)
             await self._replace(name, entry)
             self._admit(entry, task)
-            await self._evict()
+            await self._evict(keep=entry)
             log.info("installed task %s (version %s%s)", name, task.version, ", pinned" if entry.pinned else "")
             return task
 

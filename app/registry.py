@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from adapters import (
     CONFIG_NAME,
@@ -518,12 +518,17 @@ class Registry:
 
     def _stored_of_doc(self, doc: dict[str, Any], directory: Path) -> Stored:
         nbytes = parameters = 0
-        with safe_open(directory / WEIGHTS_NAME, framework="pt") as weights:  # reads the header only
-            for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
-                part = weights.get_slice(key)
-                numel = _numel(part.get_shape())
-                parameters += numel
-                nbytes += numel * _DTYPE_BYTES.get(part.get_dtype(), 4)
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise AdapterError(f"{WEIGHTS_NAME} is missing")
+        try:
+            with safe_open(directory / WEIGHTS_NAME, framework="pt") as weights:  # reads the header only
+                for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    part = weights.get_slice(key)
+                    numel = _numel(part.get_shape())
+                    parameters += numel
+                    nbytes += numel * _DTYPE_BYTES.get(part.get_dtype(), 4)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
         data_config = resolve_config(doc.get("data_config", {}), self.engine.backbone)
         return Stored(version=doc["weights_sha256"][:12], num_classes=doc["num_classes"], labels=list(doc["labels"]),
                       base_model=doc["base_model"], metadata=doc.get("metadata") or {},

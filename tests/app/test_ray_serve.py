@@ -137,9 +137,9 @@ def test_a_tasks_requests_stay_on_one_replica(http: httpx.Client, png: Callable[
 @pytest.fixture(scope="module")
 def small(ray_url: str, ray_settings: Settings, built_store: tuple[Path, dict],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path]]:
-    """A second application: 1 replica that holds 1 task at a time, on a store the test may change."""
+    """A second application: 1 replica with room for 1 task (a byte budget of 1), on a store the test may change."""
     store = Path(shutil.copytree(built_store[0], tmp_path_factory.mktemp("ray") / "store"))
-    args = {**dict(ray_settings), "store": store, "ray_replicas": 1, "ray_tasks_per_replica": 1}
+    args = {**dict(ray_settings), "store": store, "ray_replicas": 1, "resident_bytes": 1}
     serve.run(ray_serve.build_app(args), name="small", route_prefix="/small")
     with httpx.Client(base_url=f"{ray_url}/small", timeout=60) as c:
         yield c, store

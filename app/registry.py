@@ -120,7 +120,6 @@ class Entry:
         pinned: Never evicted.
         busy: Requests holding its resident version right now (not evicted while > 0).
         loading: The load in progress, which every concurrent request for the task awaits.
-        used: Requests it served since start (eviction ties and the task list).
     """
 
     name: str
@@ -131,7 +130,6 @@ class Entry:
     pinned: bool = False
     busy: int = 0
     loading: asyncio.Task[LoadedTask] | None = None
-    used: int = 0
 
     @property
     def tier(self) -> str:
@@ -273,7 +271,6 @@ class Registry:
         entry = self.entries.get(task.name)
         if entry is not None and entry.resident is task:
             entry.busy += delta
-            entry.used += max(delta, 0)
 
     async def load_store(self) -> None:
         """Remove leftovers of interrupted changes, read every adapter's config (not its tensors),

@@ -753,6 +753,8 @@ def targets(rows: list[Row], memory: dict[str, float], servers: dict[str, float]
         key = f"start-up with {many} tasks (s) <= {limit}"
         out[key] = servers[f"default-{many}"]
         holds[key] = out[key] <= limit
+        # what the tasks add to a start-up (backbone build and warm-up are the same for 1 task)
+        out[f"start-up with {many} tasks - start-up with 1 task (s)"] = servers[f"default-{many}"] - servers["one"]
         key = f"RSS({many}) / (1.1 x (RSS(1) + resident budget + cache budget)) <= 1"
         out[key] = memory["rss_many_tasks"] / memory["budget"]
         holds[key] = out[key] <= 1

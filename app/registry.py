@@ -228,12 +228,7 @@ class Registry:
             refresh: First compare the store's copy with the known one and reread it if it changed
                 (a Ray replica: other processes write the store).
         """
-        entry = self.entries.get(name)
-        if entry is not None and refresh and self.signature(name) != entry.signature:
-            await self._forget(entry)
-            entry = None
-        if entry is None:
-            entry = await self._discover(name)
+        entry = await self.describe(name, refresh)
         if entry.reason is not None:
             raise UnknownTask(f"task {name!r} is not served: {entry.reason}", tasks=self._shown())
         if entry.resident is not None:
@@ -247,7 +242,8 @@ class Registry:
         return await asyncio.shield(entry.loading)
 
     async def describe(self, name: str, refresh: bool = False) -> Entry:
-        """A task's entry, read from the store if its folder is new (or changed, with `refresh`).
+        """A task's entry, read from the store if its folder is new, or changed since it was refused (or
+        changed at all, with `refresh`).
 
         Args:
             name: Task name.
@@ -454,7 +450,8 @@ class Registry:
         if task is None:
             return
         entry.resident = None
-        self._lru.pop(entry.name, None)
+        if self._lru.get(entry.name) is entry:  # (a newer entry of the same name keeps its place)
+            del self._lru[entry.name]
         self._bytes -= task.adapter.nbytes
         self._freed += task.adapter.nbytes
         await self.engine.retire(task, trim=trim)

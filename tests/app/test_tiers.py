@@ -253,3 +253,11 @@ def test_task_list_reads_no_adapter_and_health_answers_meanwhile(make_settings, 
             bodies = [p.result().json() for p in pages]
     assert all(len(b["tasks"]) == 50 and b["total"] == 303 for b in bodies)
     assert len(built) == 8 * 50  # one summary per listed task, none for the other 253
+
+
+@pytest.mark.parametrize(("value", "expected"), [("a, b", ["a", "b"]), ("", []), ('["x"]', ["x"]), ("x,", ["x"])])
+def test_pinned_tasks_from_env(monkeypatch, value: str, expected: list[str]) -> None:
+    from app.settings import Settings
+
+    monkeypatch.setenv("RLRR_PINNED_TASKS", value)  # docker compose passes an unset `${VAR:-}` as ""
+    assert Settings().pinned_tasks == expected

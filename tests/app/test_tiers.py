@@ -243,7 +243,7 @@ def test_task_list_reads_no_adapter_and_health_answers_meanwhile(make_settings, 
         def forbidden(*args, **kwargs):  # noqa: ANN002, ANN003
             raise AssertionError("GET /tasks read the store")
 
-        for name in ("load_adapter", "read_adapter_config", "safe_open"):
+        for name in ("load_adapter", "read_adapter_config", "_tensor_sizes"):
             monkeypatch.setattr(app.registry, name, forbidden)
         url = f"http://127.0.0.1:{port}"
         with ThreadPoolExecutor(max_workers=9) as pool:

@@ -33,13 +33,19 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "BackboneSpec", "BackboneError", "build_backbone",
-           "load_weights", "hub_offline"]
+__all__ = ["DEFAULT_BACKBONE", "STOCK_TIMM", "PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "BackboneSpec",
+           "BackboneError", "build_backbone", "load_weights", "hub_offline"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PICO_NAME = "vit_pico_patch4_32.cifar5"
 PICO_WEIGHTS = WEIGHTS_DIR / "vit_pico_patch4_32.cifar5.safetensors"
 PICO_KWARGS = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
+# The backbone of the demo adapters: what the server serves and the trainer trains on unless told
+# otherwise (RLRR_BACKBONE for both), so "train, then it is served" needs no backbone flag.
+DEFAULT_BACKBONE = PICO_NAME
+# In-house architectures as stock timm builds them (an entrypoint + the kwargs that override its
+# geometry), so an exported checkpoint loads with `timm.create_model` alone, without this package.
+STOCK_TIMM: dict[str, tuple[str, dict[str, Any]]] = {"vit_pico_patch4_32": ("vit_tiny_patch16_224", PICO_KWARGS)}
 
 # CIFAR-10 channel statistics: the backbone was pretrained with them.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -180,6 +186,7 @@ def build_backbone(spec: BackboneSpec, drop_path_rate: float = 0.0) -> tuple[nn.
     name = spec.name
     if not timm.is_model(name.split(".")[0]):
         raise BackboneError(f"unknown timm model '{name}' (see timm.list_models('vit_*'))")
+    _check_tag(name)
     pretrained = spec.pretrained and spec.checkpoint is None
     if pretrained and not _has_pretrained_source(name):
         raise BackboneError(f"timm has no pretrained weights for '{name}'", needs_weights=True)
@@ -243,6 +250,16 @@ def _local_files_only(offline: bool) -> Iterator[None]:
     # huggingface_hub reads the variable once at import; its offline check reads this constant.
     with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
         yield
+
+
+def _check_tag(name: str) -> None:
+    # timm raises a bare RuntimeError deep in create_model for a tag it does not know.
+    arch, _, tag = name.partition(".")
+    if not tag:
+        return
+    known = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    if tag not in known:
+        raise BackboneError(f"unknown pretrained tag '{tag}' for '{arch}'; timm has: {', '.join(known) or 'none'}")
 
 
 def _has_pretrained_source(name: str) -> bool:

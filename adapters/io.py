@@ -12,8 +12,10 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,9 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -72,6 +84,10 @@ class DataConfigFile(BaseModel):
             raise ValueError(f"input_size must be positive, got {list(self.input_size)}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        for key in ("mean", "std"):  # timm broadcasts one value, or takes one per channel: nothing between
+            values = getattr(self, key)
+            if values is not None and len(values) not in (1, 3):
+                raise ValueError(f"{key} must hold 1 value or 3 (one per channel), got {len(values)}: {values}")
         return self
 
 
@@ -91,11 +107,60 @@ class AdapterConfigFile(BaseModel):
     data_config: DataConfigFile = Field(default_factory=DataConfigFile)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("labels")
+    @classmethod
+    def _labels_usable(cls, labels: list[str]) -> list[str]:
+        check_labels(labels)
+        return labels
+
     @model_validator(mode="after")
     def _labels_match(self) -> AdapterConfigFile:
         if len(self.labels) != self.num_classes:
             raise ValueError(f"{len(self.labels)} labels for {self.num_classes} classes")
         return self
+
+
+LABEL_MAX = 1000  # characters; WordNet-style class names ("tench, Tinca tinca") stay far below
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_labels(labels: list[str]) -> None:
+    """Refuse class names a client could not tell apart or display: blank, over `LABEL_MAX`
+    characters, holding control characters, or repeated.
+
+    Args:
+        labels: One class name per class.
+
+    Raises:
+        ValueError: Naming the first offending label by index.
+    """
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        if all(unicodedata.category(c)[0] == "Z" or unicodedata.category(c) == "Cf" or c.isspace() for c in label):
+            raise ValueError(f"labels[{i}] is empty or blank")
+        if len(label) > LABEL_MAX:
+            raise ValueError(f"labels[{i}] has {len(label)} characters; at most {LABEL_MAX}")
+        if _CONTROL.search(label):
+            raise ValueError(f"labels[{i}] holds a control character")
+        if not _encodable(label):
+            raise ValueError(f"labels[{i}] is not valid Unicode text (a lone surrogate)")
+        key = unicodedata.normalize("NFC", label.strip())  # "cat", "cat " and a decomposed "cat" read alike
+        if key in seen:
+            raise ValueError(f"labels[{seen[key]}] and labels[{i}] are the same ({_shown(key)})")
+        seen[key] = i
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    # A client's string quoted in a message: ASCII only (encodable whatever it holds), and short.
+    return ascii(text if len(text) <= limit else text[:limit] + "...")
 
 
 def explain(error: ValidationError, limit: int = 5) -> str:
@@ -346,10 +411,25 @@ def _write_folder(directory: Path, write: Callable[[Path], None], prefix: str,
     return directory
 
 
+def _folder_mode() -> int:
+    """What `mkdir` gives a new folder here: 0777 less the process's umask (read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o755
+
+
+_FOLDER_MODE = _folder_mode()
+
+
 @contextmanager
 def _staged(parent: Path, prefix: str) -> Iterator[Path]:
     """A new empty folder in `parent`; deleted on the way out unless it was renamed away."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, _FOLDER_MODE)  # mkdtemp makes it 0700; renamed into place it is a task folder like the others
     try:
         yield tmp
     finally:
@@ -399,6 +479,10 @@ def _sha256(path: Path) -> str:
 def _check_tensors(tensors: dict[str, torch.Tensor], num_classes: int, labels: list[str]) -> None:
     if len(labels) != num_classes:
         raise AdapterError(f"{len(labels)} labels for {num_classes} classes")
+    try:
+        check_labels(labels)
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
     head_name = HEAD_NAMES[0]
     head = tensors.get(head_name)
     if head is None or head.dim() != 2 or head.shape[0] != num_classes:
@@ -450,10 +534,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{CONFIG_NAME} is missing")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    doc = _parse_config(path.read_bytes())
     if not isinstance(doc, dict):
         raise AdapterError(f"{CONFIG_NAME} must hold a JSON object")
     if doc.get("format_version") != FORMAT_VERSION:
@@ -470,6 +551,57 @@ def _read_config(directory: Path) -> dict[str, Any]:
     except ValidationError as e:
         raise AdapterError(f"{CONFIG_NAME} is invalid: {explain(e)}") from None
     return doc
+
+
+JSON_DEPTH_MAX = 64  # nesting of arrays and objects in adapter_config.json; the trainer writes 4
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def _parse_config(raw: bytes) -> Any:
+    """adapter_config.json's document, refused unless every value can be stored and echoed as JSON:
+    no NaN/Infinity, no string that is not valid Unicode, no nesting deeper than `JSON_DEPTH_MAX`."""
+    depth = _json_depth(raw)
+    if depth > JSON_DEPTH_MAX:
+        raise AdapterError(f"{CONFIG_NAME} nests arrays/objects {depth} deep; at most {JSON_DEPTH_MAX}")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, an over-long integer, NaN/Infinity
+        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    where = _unencodable(doc, "")
+    if where is not None:
+        raise AdapterError(f"{CONFIG_NAME}: {where} is not valid Unicode text (it holds a lone surrogate "
+                           "escape such as \\ud800); every string must be encodable as UTF-8")
+    return doc
+
+
+def _json_depth(raw: bytes) -> int:
+    # Brackets outside strings, summed: the nesting json.loads would recurse into (it raises
+    # RecursionError, with no useful message, near 1,000).
+    brackets = re.sub(rb"[^\[\]{}]", b"", _JSON_STRING.sub(b"", raw))
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets, dtype=np.uint8)
+    return int(np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1)).max())
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unencodable(node: Any, where: str) -> str | None:
+    """The path of the first string (key or value) in a JSON document that UTF-8 cannot encode."""
+    if isinstance(node, str):
+        return None if _encodable(node) else where or "the document"
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and _unencodable(key, where) is not None:
+            return f"a key in {where or 'the document'}"
+        name = key if isinstance(key, int) or (key.isascii() and key.isprintable()) else ascii(key)
+        here = f"{where}[{name}]" if isinstance(key, int) else f"{where}.{name}" if where else str(name)
+        found = _unencodable(value, here)
+        if found is not None:
+            return found
+    return None
 
 
 def same_model(a: str, b: str) -> bool:

@@ -178,5 +178,9 @@ class Batcher(Generic[T, R]):
                         p.future.set_exception(exc)
                 continue
             for p, result in zip(batch, results, strict=True):
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if isinstance(result, Exception):  # that item alone failed (the others of the batch did not)
+                    p.future.set_exception(result)
+                else:
                     p.future.set_result(result)

@@ -17,13 +17,16 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
+from PIL import Image
 from timm.data import resolve_data_config
 from torch import nn
 from torch.func import functional_call
 
 from adapters import MultiTaskViT, PackedTensors, backbone_fingerprint, check_bounds, fold_adapter, weight_bounds
 from app.cache import MergedCache, Weights
+from app.errors import AdapterFailure
 from app.metrics import Metrics
 from app.planner import Costs, Form, Planner
 from app.runtime import flush_denormals, load_backbone, resolve_device, resolve_dtype, trim_heap
@@ -110,7 +113,7 @@ class Engine:
 
     # -- called from the event loop -------------------------------------------------------------
 
-    async def run(self, items: list[BatchItem]) -> list[TopK]:
+    async def run(self, items: list[BatchItem]) -> list[TopK | AdapterFailure]:
         """Classify a batch on the engine thread; one prediction list per item, in order.
 
         Args:
@@ -128,6 +131,18 @@ class Engine:
             task: A freshly loaded task version.
         """
         await asyncio.to_thread(self._prepare, task)
+
+    async def probe(self, task: LoadedTask) -> None:
+        """Refuse a prepared task whose logits are not finite on a few plain images (black, white,
+        grey, noise) in both batch forms: value bounds alone cannot rule out an overflow through 12 blocks.
+
+        Args:
+            task: A task version `prepare` accepted.
+
+        Raises:
+            ValueError: Naming the form and images that gave non-finite logits.
+        """
+        await self._call(self._probe, task)
 
     async def retire(self, task: LoadedTask, trim: bool = True) -> None:
         """Stop serving a replaced, deleted or evicted task version and free it (now, not after the batch).
@@ -167,6 +182,21 @@ class Engine:
         adapter = task.adapter
         check_bounds(adapter.tensors, adapter.config, self._bounds, self.dtype)
         self.multi.add_task(task.key, adapter.tensors, adapter.config, adapter.num_classes)
+
+    def _probe(self, task: LoadedTask) -> None:
+        h, w = self.input_size[1:]
+        noise = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        images = [Image.new("RGB", (w, h), c) for c in ((0, 0, 0), (255, 255, 255), (128, 128, 128))]
+        x = torch.stack([task.transform(im) for im in (*images, Image.fromarray(noise))]).to(self.device, self.dtype)
+        classes = task.adapter.num_classes
+        with torch.inference_mode():
+            for form in ("unmerged", "segmented"):
+                out = self.multi(x, [task.key] * len(x), mode=form)[:, :classes]
+                bad = (~torch.isfinite(out)).any(dim=1).cpu().tolist()
+                if any(bad):
+                    raise ValueError(f"its logits are not finite on {sum(bad)} of {len(bad)} probe images (black, "
+                                     f"white, grey, noise) in the {form} form: the adapter's values overflow "
+                                     f"{str(self.dtype).removeprefix('torch.')}")
 
     def _prune(self, keys: list[str]) -> None:
         # Keys are unique per loaded version, so a retired key never comes back; the version's
@@ -259,7 +289,8 @@ class Engine:
 
     # -- the engine thread: one batch ------------------------------------------------------------
 
-    def _run_batch(self, items: list[BatchItem], force: Form | None = None, record: bool = True) -> list[TopK]:
+    def _run_batch(self, items: list[BatchItem], force: Form | None = None,
+                   record: bool = True) -> list[TopK | AdapterFailure]:
         # Rows sorted by task: each task's rows form one segment and no permutation is needed later.
         order = sorted(range(len(items)), key=lambda i: items[i].task.key)
         items = [items[i] for i in order]
@@ -283,7 +314,7 @@ class Engine:
             self._prune(stale)
         if record:
             self._record(kind, items, time.perf_counter() - start)
-        out: list[TopK] = [[] for _ in items]
+        out: list[TopK | AdapterFailure] = [[] for _ in items]
         for position, i in enumerate(order):
             out[i] = predictions[position]
         return out
@@ -338,8 +369,6 @@ class Engine:
     def _record(self, kind: BatchKind, items: list[BatchItem], seconds: float) -> None:
         self.metrics.batches.labels(kind).inc()
         self.metrics.inference.labels(kind).observe(seconds)
-        for name, n in collections.Counter(item.task.name for item in items).items():
-            self.metrics.count_images(name, n)
 
 
 def _float32(task: LoadedTask, device: torch.device) -> Mapping[str, torch.Tensor]:
@@ -350,14 +379,27 @@ def _float32(task: LoadedTask, device: torch.device) -> Mapping[str, torch.Tenso
     return {k: v.to(device, torch.float32) for k, v in tensors.items()}
 
 
-def _top_k(logits: torch.Tensor, items: list[BatchItem]) -> list[TopK]:
-    # Entries past a row's own classes are -inf, so they get probability 0 and sort last.
-    probs = logits.float().softmax(dim=-1)
+def _top_k(logits: torch.Tensor, items: list[BatchItem]) -> list[TopK | AdapterFailure]:
+    # Each row over its own classes only: columns past them (-inf padding, up to the batch's widest
+    # head) rank below every real class whatever the logits hold, so they are never indexed. A row
+    # whose own logits are not all finite has no meaningful answer: it fails alone, never `null`.
+    classes = torch.tensor([item.task.adapter.num_classes for item in items], device=logits.device)
+    own = torch.arange(logits.shape[1], device=logits.device)[None, :] < classes[:, None]
+    logits = logits.float()
+    finite = (torch.isfinite(logits) | ~own).all(dim=1).cpu().tolist()
+    probs = torch.where(own, logits, float("-inf")).softmax(dim=-1)
+    probs = torch.where(own & torch.isfinite(probs), probs, -1.0)
     k = min(max(item.top_k for item in items), probs.shape[1])
     scores, indices = probs.topk(k, dim=-1)
     scores_l, indices_l = scores.cpu().tolist(), indices.cpu().tolist()
-    out = []
-    for item, s, i in zip(items, scores_l, indices_l, strict=True):
+    out: list[TopK | AdapterFailure] = []
+    for item, ok, s, i in zip(items, finite, scores_l, indices_l, strict=True):
+        if not ok:
+            log.warning("task %s (version %s) produced non-finite logits for an image", item.task.name,
+                        item.task.version)
+            out.append(AdapterFailure(f"task {item.task.name!r} (version {item.task.version}) produced non-finite "
+                                      "scores for this image: its adapter cannot classify it"))
+            continue
         n = min(item.top_k, item.task.adapter.num_classes)
         out.append(list(zip(i[:n], s[:n], strict=True)))
     return out

@@ -90,6 +90,10 @@ class InsufficientMemory(AppError):
     """The server has no memory left for the request (a server limit, not a client error)."""
 
 
+class AdapterFailure(AppError):
+    """A served adapter produced no usable answer for an input (e.g. non-finite scores); a server-side fault."""
+
+
 class Overloaded(AppError):
     """The queue is full; retry later."""
 
@@ -112,6 +116,7 @@ STATUS: dict[type[AppError], int] = {
     Overloaded: 503,
     InsufficientMemory: 503,
     NotReady: 503,
+    AdapterFailure: 500,
 }
 
 
@@ -124,7 +129,8 @@ DESCRIPTIONS = {
     413: "Body, image, pixel budget or image count over its limit, or more images than the queue holds.",
     415: "Content type or image format not accepted.",
     422: "Invalid parameter, or an adapter that fails validation.",
-    500: "A server bug (logged); the connection stays usable.",
+    500: "A server bug, or an adapter that produced no usable scores for an image (logged); the connection "
+         "stays usable.",
     503: "Queue full, out of memory, or not ready; see Retry-After.",
 }
 
@@ -187,7 +193,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:  # Starlette lists the methods of the first route of the path only
         headers["Allow"] = ", ".join(allowed_methods(request))
-    return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+    # Under /v2 even the router's own 404/405 (no route matched) speak the protocol's `{"error"}`.
+    key = "error" if request.url.path == V2_PREFIX or request.url.path.startswith(f"{V2_PREFIX}/") else "detail"
+    return JSONResponse({key: str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes (app.routes.v2)
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -197,9 +208,12 @@ def allowed_methods(request: Request) -> list[str]:
         request: The request.
     """
     # Probing each method works whatever the nesting of included routers.
-    return [method for method in _METHODS
-            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
-                   for route in request.app.router.routes)]
+    allowed = [method for method in _METHODS
+               if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                      for route in request.app.router.routes)]
+    if "GET" in allowed and "HEAD" not in allowed:  # HEAD is answered wherever GET is (app.main)
+        allowed.insert(allowed.index("GET") + 1, "HEAD")
+    return allowed
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")

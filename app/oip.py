@@ -15,7 +15,7 @@ import binascii
 import logging
 import math
 import struct
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request, Response
@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, NonNegativeInt, PrivateAttr, ValidationError
 
 from app.errors import AppError, BadRequest, UnsupportedMediaType, status_of
+from app.payloads import parse_count
 from app.tasks import TopK
 
 log = logging.getLogger("app")
@@ -136,6 +137,8 @@ class InferRequest(BaseModel):
         else:
             elements = [_from_base64(i, item) for i, item in enumerate(_flatten(tensor.data))]
         expected = math.prod(tensor.shape)
+        if expected == 0:
+            raise BadRequest(f"input {INPUT!r} has shape {tensor.shape}: no image; send at least one")
         if len(elements) != expected:
             raise BadRequest(f"input {INPUT!r} has shape {tensor.shape} ({expected} elements) "
                              f"but {len(elements)} element(s) of data")
@@ -222,7 +225,7 @@ def parse_request(body: bytes, headers: Mapping[str, str]) -> InferRequest:
     return request
 
 
-def infer_response(request: InferRequest, name: str, version: str, labels: list[str],
+def infer_response(request: InferRequest, name: str, version: str, labels: Mapping[int, str] | Sequence[str],
                    predictions: list[TopK]) -> Response:
     """The protocol's answer for the engine's (index, score) lists, JSON or binary as asked.
 
@@ -230,7 +233,7 @@ def infer_response(request: InferRequest, name: str, version: str, labels: list[
         request: The request (its `id`, requested outputs and binary flags).
         name: Task name.
         version: Adapter version that answered.
-        labels: The task's class names.
+        labels: The task's class names by class index.
         predictions: One best-first list per image, all of the same length.
     """
     shape = [len(predictions), len(predictions[0]) if predictions else 0]
@@ -305,15 +308,19 @@ class OIPRoute(APIRoute):
 
 
 def _header_length(declared: str, body_size: int) -> int:
-    if not declared.strip().isdigit() or int(declared) > body_size:
+    length = parse_count(declared)
+    if length is None or length > body_size:
         raise BadRequest(f"{HEADER_LENGTH} must be a byte count within the {body_size}-byte body, got {declared!r}")
-    return int(declared)
+    return length
 
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(map(str, error["loc"]))
-    return f"{where}: {error['msg']}" if where else error["msg"]
+    message = error["msg"]
+    if "recursion limit exceeded" in message:  # the JSON parser's own words for a bomb of nested arrays
+        message = message.replace("recursion limit exceeded", "arrays or objects nested too deeply")
+    return f"{where}: {message}" if where else message
 
 
 def _flatten(data: list[Any]) -> Iterator[Any]:
@@ -337,6 +344,8 @@ def _requested(request: InferRequest) -> list[RequestOutput]:
     if request.outputs is None:
         return [RequestOutput(name=LABELS), RequestOutput(name=SCORES)]
     names = [o.name for o in request.outputs]
+    if not names:
+        raise BadRequest(f"outputs is empty: name at least one of {[LABELS, SCORES]}, or leave it out for both")
     unknown = sorted(set(names) - {LABELS, SCORES})
     if unknown or len(set(names)) != len(names):
         raise BadRequest(f"outputs must be distinct names among {[LABELS, SCORES]}, got {names}")

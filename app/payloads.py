@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
@@ -35,16 +36,33 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+def parse_count(text: str) -> int | None:
+    """A non-negative decimal integer written in ASCII digits only, else None.
+
+    `str.isdigit` also accepts superscripts and other scripts' digits, which `int` then refuses
+    (or reads as a different number): every count a client sends is parsed here.
+
+    Args:
+        text: The header or parameter value.
+    """
+    text = text.strip()
+    return int(text) if _COUNT.fullmatch(text) else None
+
+
+_COUNT = re.compile(r"[0-9]{1,19}")
+
+
+async def read_body(request: Request, limit: int, timeout_s: float | None) -> bytes:
     """The whole body, refusing it as soon as it passes `limit` bytes (never buffers more).
 
     Args:
         request: The request.
         limit: Largest body accepted.
-        timeout_s: The whole body must arrive within this many seconds (408 otherwise); None: no deadline.
+        timeout_s: The whole body must arrive within this many seconds (408 otherwise): every route
+            passes `Settings.body_timeout_s`; None (no deadline) only for in-process callers.
     """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = parse_count(request.headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit}")
     loop = asyncio.get_running_loop()
     deadline = None if timeout_s is None else loop.time() + timeout_s
@@ -71,7 +89,7 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     return b"".join(chunks)
 
 
-async def read_files(request: Request, limit: int, timeout_s: float | None = None) -> list[Part]:
+async def read_files(request: Request, limit: int, timeout_s: float | None) -> list[Part]:
     """The file parts of a bounded multipart/form-data body.
 
     Args:
@@ -98,7 +116,7 @@ async def read_files(request: Request, limit: int, timeout_s: float | None = Non
 
 
 async def read_images(request: Request, max_bytes: int, max_images: int,
-                      timeout_s: float | None = None) -> list[bytes]:
+                      timeout_s: float | None) -> list[bytes]:
     """The encoded images of a /classify request: a raw image body or multipart `file` fields.
 
     Args:
@@ -129,10 +147,14 @@ def check_images(images: list[bytes], max_images: int) -> None:
         images: The encoded images of a request.
         max_images: Most images accepted.
     """
+    if not images:
+        raise BadRequest("the request holds no image; send at least one")
     if len(images) > max_images:
         raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {max_images}")
-    if any(not data for data in images):
-        raise BadRequest("empty image")
+    empty = [i for i, data in enumerate(images) if not data]
+    if empty:
+        raise BadRequest(f"empty image (image {empty[0]} of {len(images)}, counting from 0)" if len(images) > 1
+                         else "empty image")
 
 
 async def _once(body: bytes) -> AsyncGenerator[bytes, None]:

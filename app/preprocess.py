@@ -12,18 +12,22 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from app.errors import AppError, InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from app.runtime import trim_heap
 
 Transform = Callable[[Image.Image], torch.Tensor]
-FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+T = TypeVar("T")
+# MPO: the multi-picture JPEG phones write (its first picture is a plain JPEG, decoded as one).
+FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16/32-bit grey: scaled to 8 bits, not clipped
 
 
 def resolve_config(data_config: dict[str, Any] | None, backbone: nn.Module) -> dict[str, Any]:
@@ -81,12 +85,62 @@ def open_image(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image has {width}x{height} = {width * height} pixels, limit is {max_pixels}")
-    if image.format == "JPEG" and min_side > 0:
+    resized = resized_pixels(width, height, min_side)
+    if resized > max_pixels:
+        raise PayloadTooLarge(
+            f"image of {width}x{height} pixels (aspect ratio {max(width, height) / max(min(width, height), 1):.0f}:1) "
+            f"would be resized to {resized} pixels before the center crop (shorter side to {min_side}); "
+            f"the limit is {max_pixels}: crop it nearer to the shape the model sees")
+    if image.format in ("JPEG", "MPO") and min_side > 0:
         try:
             image.draft("RGB", (min_side, min_side))
         except Exception as exc:
             raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
     return image
+
+
+def resized_pixels(width: int, height: int, min_side: int) -> int:
+    """Pixels of the image the transform's resize makes (shorter side to `min_side`, aspect kept):
+    the work a decode commits to, known from the header. An extreme aspect ratio makes it far more
+    than the decoded pixels (1 x 250,000 -> 248 x 62,000,000).
+
+    Args:
+        width: Image width.
+        height: Image height.
+        min_side: The transform's resize side (see `scale_size`); 0: no resize.
+    """
+    short, long = min(width, height), max(width, height)
+    if min_side <= 0 or short <= 0:
+        return width * height
+    return min_side * math.ceil(long * min_side / short)
+
+
+def request_pixels(image: Image.Image, min_side: int) -> int:
+    """What one opened image costs a request's pixel budget: its decoded or its resized pixels, the larger.
+
+    Args:
+        image: An image from `open_image` (its size is the decoded size).
+        min_side: The transform's resize side.
+    """
+    width, height = image.size
+    return max(width * height, resized_pixels(width, height, min_side))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode Pillow decodes (palette, 1-bit, 16-bit grey, CMYK, with alpha...) as 8-bit RGB.
+
+    Args:
+        image: A loaded image.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _HIGH_BIT_MODES:  # `convert` would clip 0..65535 to 0..255: keep the high byte instead
+        grey = np.asarray(image)
+        if grey.max(initial=0) > 255:
+            grey = np.clip(grey, 0, 65535).astype(np.uint16) >> 8
+        info, image = image.info, Image.fromarray(grey.astype(np.uint8))
+        image.info = dict(info)  # EXIF orientation still applies
+    return image.convert("RGB")
 
 
 def decode_opened(image: Image.Image, transform: Transform, min_side: int) -> torch.Tensor:
@@ -102,11 +156,11 @@ def decode_opened(image: Image.Image, transform: Transform, min_side: int) -> to
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-            factor = min(image.size) // (2 * min_side) if min_side > 0 else 1
+            rgb = to_rgb(image)  # before `reduce`, which knows only a few modes (not P, 1 or I;16)
+            factor = min(rgb.size) // (2 * min_side) if min_side > 0 else 1
             if factor >= 2:
-                image = image.reduce(factor)
-            image = ImageOps.exif_transpose(image)
-            rgb = image.convert("RGB")
+                rgb = rgb.reduce(factor)
+            rgb = ImageOps.exif_transpose(rgb)
     except Exception as exc:  # truncated or corrupt data: PIL raises OSError, SyntaxError, ValueError...
         raise InvalidImage(f"cannot decode image: {_reason(exc)}") from exc
     return transform(rgb)
@@ -126,6 +180,17 @@ def decode(data: bytes, transform: Transform, max_pixels: int, min_side: int = 0
 
 def _reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _nth(index: int, count: int, fn: Callable[..., T], *args: Any) -> T:
+    # A request of several images: a refusal says which one (counting from 0, the order sent).
+    try:
+        return fn(*args)
+    except AppError as exc:
+        if count > 1:
+            exc.detail = f"image {index} (of {count}, counting from 0): {exc.detail}"
+            exc.args = (exc.detail,)
+        raise
 
 
 TRIM_ABOVE_PIXELS = 4_000_000  # decoded pixels of a request beyond which memory is handed back
@@ -155,9 +220,10 @@ class Preprocessor:
         """
         loop = asyncio.get_running_loop()
         opened = await loop.run_in_executor(self._pool, self._open_all, images, min_side)
-        pixels = sum(w * h for w, h in (image.size for image in opened))
+        pixels = sum(request_pixels(image, min_side) for image in opened)
         try:
-            jobs = [loop.run_in_executor(self._pool, decode_opened, image, transform, min_side) for image in opened]
+            jobs = [loop.run_in_executor(self._pool, _nth, i, len(opened), decode_opened, image, transform, min_side)
+                    for i, image in enumerate(opened)]
             return list(await asyncio.gather(*jobs))
         finally:
             opened.clear()  # the opened images hold the decoded pixels
@@ -165,11 +231,12 @@ class Preprocessor:
                 await loop.run_in_executor(self._pool, trim_heap)
 
     def _open_all(self, images: Sequence[bytes], min_side: int) -> list[Image.Image]:
-        opened = [open_image(data, self.max_pixels, min_side) for data in images]
-        total = sum(w * h for w, h in (image.size for image in opened))
+        opened = [_nth(i, len(images), open_image, data, self.max_pixels, min_side) for i, data in enumerate(images)]
+        total = sum(request_pixels(image, min_side) for image in opened)
         if total > self.max_request_pixels:
-            raise PayloadTooLarge(f"the request's {len(opened)} image(s) decode to {total} pixels; the limit per "
-                                  f"request is {self.max_request_pixels} (RLRR_MAX_REQUEST_PIXELS)")
+            raise PayloadTooLarge(f"the request's {len(opened)} image(s) decode to {total} pixels (each counted "
+                                  f"at its decoded or resized size, the larger); the limit per request is "
+                                  f"{self.max_request_pixels} (RLRR_MAX_REQUEST_PIXELS)")
         return opened
 
     def close(self) -> None:

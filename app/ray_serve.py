@@ -33,9 +33,8 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from app.errors import AppError, NotReady
-from app.main import build_api
+from app.main import ROUTERS, build_api
 from app.metrics import Metrics
-from app.routes import classify, health, tasks
 from app.schemas import ClassifyResponse, TaskDetail, TaskList
 from app.service import Service
 from app.settings import Settings
@@ -248,7 +247,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve calls this in the replica after __init__: the app is built by the single server's factory.
-        api = build_api(self.replicas, (classify.router, tasks.router, health.router, replicas_router),
+        api = build_api(self.replicas, (*ROUTERS, replicas_router),
                         title="rlrr-serve on Ray Serve", summary="One frozen ViT per replica, many RLRR task adapters.")
         api.middleware("http")(_name_replica)
         return api

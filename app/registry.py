@@ -64,7 +64,20 @@ def check_name(name: str) -> None:
         name: The folder's name.
     """
     if not valid_name(name):
-        raise InvalidAdapter(f"task name {name!r} does not match {NAME_PATTERN}")
+        raise InvalidAdapter(
+            f"folder name {shown_name(name)!r} is not a task name (at most {NAME_MAX} characters matching "
+            f"{NAME_PATTERN}), so the API can neither serve nor delete it: rename the folder in the store to a "
+            "valid name (then reload or restart), or remove it there")
+
+
+def shown_name(name: str) -> str:
+    """A store folder's name as answers can carry it: bytes that are not UTF-8 (surrogate escapes
+    from the file system) become `\\xNN`.
+
+    Args:
+        name: The folder's name, as `os.listdir` gives it.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def valid_name(name: str) -> bool:
@@ -322,7 +335,7 @@ class Registry:
             validated: list[LoadedTask] = []
 
             def validate(tmp: Path) -> None:  # on install_adapter's thread, before it renames tmp into place
-                validated.append(asyncio.run_coroutine_threadsafe(self._load(name, tmp), loop).result())
+                validated.append(asyncio.run_coroutine_threadsafe(self._load_probed(name, tmp), loop).result())
 
             try:
                 directory = await asyncio.to_thread(install_adapter, self.store, name, config, weights,
@@ -378,7 +391,7 @@ class Registry:
         if not self.store.is_dir():
             return []
         with os.scandir(self.store) as found:  # file types from the listing: no stat per folder
-            return sorted(e.name for e in found if e.is_dir() and not e.name.startswith("."))
+            return sorted(shown_name(e.name) for e in found if e.is_dir() and not e.name.startswith("."))
 
     def signature(self, name: str) -> Signature | None:
         """What changes whenever the store's copy of a task does (None: the store has none).
@@ -555,6 +568,18 @@ class Registry:
                                          headers={"Retry-After": "5"}) from exc
             except ValueError as exc:  # the engine's "cannot run here" (e.g. non-finite folded weights)
                 raise InvalidAdapter(f"adapter {name!r} refused: {self._reason(exc, name, directory)}") from exc
+        return task
+
+    async def _load_probed(self, name: str, directory: Path) -> LoadedTask:
+        # An upload is also run once (`Engine.probe`): what cannot produce finite scores is refused
+        # now, not answered with errors later. Not at start-up: a forward per stored task would cost
+        # 1,000 tasks minutes; what the store holds was probed when it was uploaded.
+        task = await self._load(name, directory)
+        try:
+            await self.engine.probe(task)
+        except ValueError as exc:
+            await self.engine.retire(task)
+            raise InvalidAdapter(f"adapter {name!r} refused: {exc}") from exc
         return task
 
     async def _validate(self, name: str, directory: Path) -> LoadedTask:

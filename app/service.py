@@ -174,9 +174,11 @@ class Service:
         self.registry.hold(task, +1)  # not evicted while its rows are queued
         try:
             futures = self.batcher.submit_many([BatchItem(task, t, k) for t in tensors])
-            return list(await asyncio.gather(*futures))
+            predictions = list(await asyncio.gather(*futures))
         finally:
             self.registry.hold(task, -1)
+        self.metrics.count_images(task.name, len(predictions))  # counted once the whole request is answered
+        return predictions
 
     async def catalog(self, limit: int = 100, cursor: str | None = None, name: str | None = None) -> TaskList:
         """One page of the store's tasks in name order: servable (`loaded`, with their tier) or refused.

@@ -13,17 +13,19 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters import BackboneSpec
+from adapters.backbones import DEFAULT_BACKBONE
 
 
 class Settings(BaseSettings):
     """Everything the service can be told at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore")
+    # An empty RLRR_X (docker compose's unset `${X:-}`) means "not set": the field's default.
+    model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore", env_ignore_empty=True)
 
     # Backbone
     # Default: the in-house backbone whose weights ship inside the package (adapters/weights), so a
     # fresh offline machine serves real weights. Set RLRR_BACKBONE (+ CHECKPOINT/PRETRAINED) for yours.
-    backbone: str = Field("vit_pico_patch4_32.cifar5", description="timm model name of the frozen backbone.")
+    backbone: str = Field(DEFAULT_BACKBONE, description="timm model name of the frozen backbone.")
     checkpoint: Path | None = Field(None, description="Local backbone weights (.safetensors/.pth); head ignored.")
     pretrained: bool = Field(True, description="Load timm pretrained weights (embedded, hub or HF_HOME cache).")
     seed: int = Field(0, description="Seed for random init, so a random backbone has a stable fingerprint.")

@@ -14,13 +14,11 @@ from typing import Any
 from torch import nn
 
 from adapters import backbones
-from adapters.backbones import BackboneSpec, hub_offline, load_weights
+from adapters.backbones import DEFAULT_BACKBONE, BackboneSpec, hub_offline, load_weights
 
 from .errors import BackboneError
 
 __all__ = ["DEFAULT_BACKBONE", "backbone_spec", "create_backbone", "load_weights", "hub_offline"]
-
-DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 
 
 def backbone_spec(name: str, checkpoint: str | os.PathLike | None = None, img_size: int | None = None) -> BackboneSpec:

@@ -1,9 +1,8 @@
 """python -m trainer [train] --task NAME ... | export --task NAME --out FILE | report --task NAME | tasks | ...
 
-    python -m trainer --task dtd --data-root /data/vtab-1k               # recipe defaults, GPU + internet
-    python -m trainer --task dtd --checkpoint vit_b16_in21k.safetensors  # offline: local backbone weights
-    python -m trainer --task ants --data-root data/hymenoptera --backbone test_vit \\
-        --checkpoint test_vit.safetensors --img-size 32 --epochs 5       # a user ImageFolder task on CPU
+    python -m trainer --task dtd --data-root /data/vtab-1k --backbone vit_base_patch16_224.augreg_in21k  # paper
+    python -m trainer --task dtd --backbone vit_base_patch16_224 --checkpoint vit_b16.safetensors  # local weights
+    python -m trainer --task flowers --data-root ~/flowers               # your ImageFolder, the server's backbone
     python -m trainer --task dtd --resume                                # continue an interrupted run
     python -m trainer --task cub --method linear --run-dir runs/cub-lin  # baselines: ssf | linear | full
     python -m trainer --task cub --no-residual --init identity           # ablations (paper Table 6)
@@ -15,7 +14,9 @@
 
 Training (the default command) writes the task's adapter to the store; `--method full` has no
 adapter, so it writes the fine-tuned model to <run dir>/model.safetensors and leaves the store
-alone. Data root: --data-root or RLRR_DATA; store: --store or RLRR_STORE (default store/). Errors
+alone. Data root: --data-root or RLRR_DATA; store: --store or RLRR_STORE (default store/); backbone:
+--backbone or RLRR_BACKBONE (default: the server's), so a server on the same store serves the result.
+--resume reuses the run's recorded settings (a typed option that differs is refused). Errors
 the user can fix (missing data, malformed lists, offline without --checkpoint, an existing
 adapter) print one line and exit with status 2. Beside its log.jsonl a run writes training-curves.png
 (while it trains) and adapter-shift.png (at the end; see trainer/plots.py); the adapter's metadata.training
@@ -30,8 +31,8 @@ from collections.abc import Callable
 
 from adapters import AdapterError
 
-from .config import add_train_arguments, config_from_args
-from .errors import TrainerError
+from .config import add_train_arguments, config_from_args, typed_options
+from .errors import Interrupted, TrainerError
 from .tasks import BUILTIN_TASKS
 
 __all__ = ["main", "build_parser"]
@@ -70,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace, argv: list[str]) -> None:
     from .loop import train
 
-    train(config_from_args(args))
+    train(config_from_args(args, typed_options(argv)))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -131,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tasks":
             _tasks()
         else:
-            _train(args)
+            _train(args, argv[1:])
     except (TrainerError, AdapterError) as e:
         # Problems the user can fix: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # during a run: it says what was saved
+        print(str(e), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in the run's ckpt.pt; continue with --resume",
-              file=sys.stderr)
+        print("interrupted before training started: nothing was saved", file=sys.stderr)
         return 130
     return 0

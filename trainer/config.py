@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from adapters import RLRRConfig
@@ -23,7 +25,8 @@ from .errors import ConfigError
 from .optim import MIN_LR, WARMUP_LR
 from .tasks import FORMATS, Task, get_task
 
-__all__ = ["TrainConfig", "METHODS", "RECIPE_FIELDS", "ABLATIONS", "add_train_arguments", "config_from_args"]
+__all__ = ["TrainConfig", "METHODS", "RECIPE_FIELDS", "ABLATIONS", "SETTINGS_NAME", "add_train_arguments",
+           "config_from_args", "typed_options", "default_run_dir"]
 
 METHODS = ("rlrr", "ssf", "linear", "full")
 # Task fields a run may override; None in TrainConfig means the task's value.
@@ -31,6 +34,10 @@ RECIPE_FIELDS = ("epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", 
 # RLRRConfig switches the command line turns off (--no-NAME), and its init policy.
 ABLATIONS = ("left", "right", "residual")
 RECIPE_GROUP = "recipe overrides (default: the task's)"
+# A run's command-line settings, written into its run dir; --resume reads them back.
+SETTINGS_NAME = "settings.json"
+# Options a resumed run may change: how and how far it runs, not what it trains.
+RESUME_FREE = ("resume", "overwrite", "stop_after", "workers", "device", "run_dir")
 
 
 def option(group: str, help: str | None = None, flag: str | None = None, env: str | None = None,
@@ -63,9 +70,10 @@ class TrainConfig:
     holdout_val: bool = field(default=False, metadata=option(
         "task and data", "VTAB/FGVC: train on train800/train, validate on val200/val (recipe: train on both)",
         flag="--val"))
-    backbone: str = field(default=DEFAULT_BACKBONE, metadata=option("backbone", "timm name with pretrained tag"))
-    checkpoint: str | None = field(
-        default=None, metadata=option("backbone", "local backbone weights (.safetensors or .pth); no network"))
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata=option(
+        "backbone", "timm name with pretrained tag (default: the one the server serves)", env="RLRR_BACKBONE"))
+    checkpoint: str | None = field(default=None, metadata=option(
+        "backbone", "local backbone weights (.safetensors or .pth); no network", env="RLRR_CHECKPOINT"))
     img_size: int | None = field(default=None, metadata=option(
         "backbone", "input resolution: timm's img_size (position grid resampled); recorded in the adapter's "
                     "backbone_spec, serve with RLRR_BACKBONE_KWARGS='{\"img_size\": N}'"))
@@ -90,6 +98,8 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=option("run", "replace an existing adapter / run checkpoint"))
     stop_after: int | None = field(
         default=None, metadata=option("run", "stop (resumably) after this many epochs in total"))
+    # The command line's settings (option dest -> value), written to the run dir for --resume.
+    settings: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._resolve_recipe()
@@ -152,7 +162,7 @@ def _add_field(groups: dict[str, Any], f: dataclasses.Field, kind: type) -> None
     flag = meta["flag"] or "--" + f.name.replace("_", "-")
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if meta["env"]:
-        default = os.environ.get(meta["env"], default)
+        default = os.environ.get(meta["env"]) or default  # empty (compose's unset `${X:-}`) = not set
     kw: dict[str, Any] = {"dest": f.name, "help": _field_help(f), **meta["argparse"]}
     if kind is bool:
         kw["action"] = "store_true"
@@ -192,14 +202,64 @@ def _add_ablations(g: Any) -> None:
     g.add_argument("--init", choices=INIT_POLICIES, help=f"adapter init policy: {rlrr['init']}")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def default_run_dir(task: str, method: str, seed: int) -> Path:
+    """Where a run writes when --run-dir is not given."""
+    return Path("runs") / f"{task}-{method}-s{seed}"
+
+
+def typed_options(argv: list[str]) -> set[str]:
+    """The training options typed on a command line (not defaults, not environment variables).
+
+    Args:
+        argv: The `train` arguments.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(p)
+    for action in p._actions:  # parse again with nothing filled in: what is left was typed
+        action.default, action.required = argparse.SUPPRESS, False
+    return set(vars(p.parse_known_args(argv)[0]))
+
+
+def _setting_dests(args: argparse.Namespace) -> list[str]:
+    train_fields = [f.name for f in fields(TrainConfig) if "group" in f.metadata and f.name not in RESUME_FREE]
+    extra = ["tasks_file", "init", *(f"no_{name}" for name in ABLATIONS)]
+    return [d for d in (*train_fields, *extra) if hasattr(args, d)]
+
+
+def _with_recorded(args: argparse.Namespace, typed: set[str]) -> argparse.Namespace:
+    """--resume: the run's recorded settings, refusing a typed option that differs (naming both values)."""
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.task, args.method, args.seed)
+    path = run_dir / SETTINGS_NAME
+    if not path.is_file():
+        return args  # a run from before settings were recorded: the checkpoint's recipe check remains
+    recorded = json.loads(path.read_text())
+    merged = argparse.Namespace(**vars(args))
+    for dest, value in recorded.items():
+        if not hasattr(args, dest):
+            continue
+        if dest in typed and getattr(args, dest) != value:
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"--resume: {flag} {getattr(args, dest)} differs from the run's {value} "
+                              f"({path}); leave it out to continue the run, or start a new one")
+        setattr(merged, dest, value)
+    return merged
+
+
+def config_from_args(args: argparse.Namespace, typed: set[str] | None = None) -> TrainConfig:
     """The resolved run configuration: the task's recipe with the command line's overrides.
+
+    With --resume, the settings recorded in the run dir replace what was not typed (`typed`).
 
     Args:
         args: Parsed `add_train_arguments` options.
+        typed: The options typed on the command line (`typed_options`); None: all of them.
     """
+    if getattr(args, "resume", False):
+        args = _with_recorded(args, set(vars(args)) if typed is None else typed)
     overrides: dict[str, Any] = {name: False for name in ABLATIONS if getattr(args, f"no_{name}")}
     if args.init is not None:
         overrides["init"] = args.init
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if "group" in f.metadata}
-    return TrainConfig(**{**given, "task": get_task(args.task, args.tasks_file), "rlrr_overrides": overrides})
+    settings = {d: getattr(args, d) for d in _setting_dests(args)}
+    return TrainConfig(**{**given, "task": get_task(args.task, args.tasks_file), "rlrr_overrides": overrides,
+                          "settings": settings})

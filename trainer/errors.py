@@ -1,7 +1,7 @@
 """Errors the CLI prints as one line (no traceback) and exits with code 2."""
 from __future__ import annotations
 
-__all__ = ["TrainerError", "ConfigError", "DataError", "BackboneError", "StoreError"]
+__all__ = ["TrainerError", "ConfigError", "DataError", "BackboneError", "StoreError", "Interrupted"]
 
 
 class TrainerError(Exception):
@@ -22,3 +22,7 @@ class BackboneError(TrainerError):
 
 class StoreError(TrainerError):
     """The store or the run directory refuses the write (e.g. it exists and --overwrite is off)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was saved and how to go on."""

@@ -1,10 +1,18 @@
 """Export a stored adapter as a standalone timm checkpoint with the adapter folded into the weights.
 
     python -m trainer export --task dtd --out dtd.safetensors
-    timm.create_model('vit_base_patch16_224', checkpoint_path='dtd.safetensors', num_classes=47)
 
-An adapter trained with model_kwargs (e.g. --img-size 32) exports at that geometry: pass the same
-kwargs to timm.create_model (they are in the file's metadata, `model_kwargs`).
+The file loads with plain timm, no import of this project; its metadata says how:
+
+    meta = safetensors.safe_open("dtd.safetensors", "pt").metadata()
+    model = timm.create_model(meta["timm_model"], checkpoint_path="dtd.safetensors", **json.loads(meta["timm_kwargs"]))
+
+`timm_kwargs` holds num_classes, the trained geometry (e.g. img_size from --img-size) and
+`pretrained_cfg_overlay` with the input size and normalization trained with, so
+`timm.data.resolve_data_config(model=model)` preprocesses as trained. For a hub backbone
+`timm_model` is its timm name; for an in-house one (not registered in stock timm) it is a stock
+entrypoint whose geometry the kwargs override (adapters.backbones.STOCK_TIMM).
+Other suffixes than .safetensors get a plain torch.save state dict (no metadata).
 """
 from __future__ import annotations
 
@@ -12,16 +20,36 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from adapters import fold_adapter, load_adapter
+from adapters.backbones import STOCK_TIMM, BackboneSpec
 
 from .backbone import create_backbone
 from .errors import StoreError
 
-__all__ = ["export_task"]
+__all__ = ["export_task", "stock_timm"]
+
+# The parts of a pretrained config that preprocessing reads (timm.data.resolve_data_config).
+DATA_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def stock_timm(spec: BackboneSpec, model: nn.Module, num_classes: int) -> tuple[str, dict[str, Any]]:
+    """The name and kwargs with which stock `timm.create_model` builds the exported architecture.
+
+    Args:
+        spec: The adapter's backbone.
+        model: That backbone, built (its pretrained_cfg has the trained input size).
+        num_classes: The task's classes.
+    """
+    # The built model's data config: timm keeps the pretrained input size when img_size changes it.
+    overlay = {k: model.pretrained_cfg[k] for k in DATA_CFG_KEYS if k in model.pretrained_cfg}
+    name, geometry = STOCK_TIMM.get(spec.name.split(".")[0], (spec.name, {}))
+    return name, {**geometry, **spec.model_kwargs, "num_classes": num_classes, "pretrained_cfg_overlay": overlay}
 
 
 def export_task(task: str, out: str | os.PathLike, store: str | os.PathLike = "store",
@@ -59,8 +87,10 @@ def export_task(task: str, out: str | os.PathLike, store: str | os.PathLike = "s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if out.suffix == ".safetensors":
+        timm_model, timm_kwargs = stock_timm(spec, model, adapter.num_classes)
         meta = {"task": task, "base_model": name, "num_classes": str(adapter.num_classes),
-                "labels": json.dumps(adapter.labels), "model_kwargs": json.dumps(spec.model_kwargs)}
+                "labels": json.dumps(adapter.labels), "model_kwargs": json.dumps(spec.model_kwargs),
+                "timm_model": timm_model, "timm_kwargs": json.dumps(timm_kwargs)}
         save_file(state, str(tmp), metadata=meta)
     else:
         torch.save(state, tmp)

@@ -29,13 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from adapters import adapter_state_dict
+
 from . import checkpoint, plots
 from .checkpoint import TrainState, load_trainable, trainable_state
 from .config import METHODS, TrainConfig
+from .errors import Interrupted
 from .optim import MIN_LR, WARMUP_LR, lr_at, param_groups, set_lr
 from .progress import Progress
 from .publish import draw_pictures, publish, run_metadata
-from .run import Run, announce, say, setup
+from .run import Run, RunPaths, announce, say, setup
 
 __all__ = ["TrainConfig", "TrainResult", "train", "fit", "train_one_epoch", "train_step", "evaluate",
            "final_metrics", "lr_at", "param_groups", "METHODS", "MIN_LR", "WARMUP_LR"]
@@ -66,7 +69,32 @@ def train(cfg: TrainConfig) -> TrainResult:
         state = checkpoint.restore(paths.ckpt, run.model, run.optimizer, run.scaler, cfg.recipe(), run.fingerprint)
         say(f"resumed from {paths.ckpt} after epoch {state.epoch}")
     checkpoint.trim_log(paths.log, state.epoch, cfg.resume)
+    if run.rlrr_config is not None and not cfg.resume:  # step 0, for the shift picture's "learned" panel
+        plots.save_init(paths.run_dir, adapter_state_dict(run.model))
+    try:
+        return _train_and_publish(run, state)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(paths, cfg.epochs)) from None
 
+
+def interrupted_message(paths: RunPaths, epochs: int) -> str:
+    """What Ctrl-C leaves behind, in one line, from what is on disk.
+
+    Args:
+        paths: The run's paths.
+        epochs: Epochs of the whole run.
+    """
+    # The checkpoint file, not the loop's counter: Ctrl-C may land between an epoch and its save.
+    saved_epoch = torch.load(paths.ckpt, map_location="cpu", weights_only=True)["epoch"] if paths.ckpt.exists() else 0
+    if saved_epoch == 0:
+        return (f"interrupted in epoch 1 of {epochs}: no epoch finished, nothing was saved "
+                f"(no adapter, no checkpoint); run the same command again to start over")
+    return (f"interrupted: {paths.ckpt} holds epoch {saved_epoch} of {epochs}; run the same command with "
+            f"--resume to continue")
+
+
+def _train_and_publish(run: Run, state: TrainState) -> TrainResult:
+    cfg, paths = run.cfg, run.paths
     # -- training loop: fit an epoch, log it, redraw the curves, checkpoint ----------------------
     progress = Progress(cfg.epochs, run.iters_per_epoch, done_iters=state.iter)  # a bar on a terminal, else lines
     title = f"{cfg.task.name} · {cfg.method} · {cfg.backbone}"

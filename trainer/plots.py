@@ -6,9 +6,11 @@
 `training-curves.png`: loss, accuracy (train, val, and test where measured) and lr per epoch; the
 test points are the run's final ones (the loop never evaluates test per epoch: model selection
 does not look at it). `adapter-shift.png`: for every rescaled linear (blocks × attn.qkv, attn.proj,
-mlp.fc1, mlp.fc2) the relative Frobenius change ‖W' − W‖ / ‖W‖ and the mean relative change of the
-top-k singular values, mean_i (σ_i(W') − σ_i(W)) / σ_i(W). W' is folded with `adapters.rlrr`
-exactly as the server folds it; the backbone is only read.
+mlp.fc1, mlp.fc2) the relative Frobenius change ‖W' − W‖ / ‖W‖, the change training made,
+‖W' − W'₀‖ / ‖W‖ (W'₀: the adapter at step 0, kept in the run dir as adapter-init.safetensors; the
+reference init is not the identity, so part of ‖W' − W‖ is there before any step), and the mean
+relative change of the top-k singular values, mean_i (σ_i(W') − σ_i(W)) / σ_i(W). W' is folded
+with `adapters.rlrr` exactly as the server folds it; the backbone is only read.
 
 Drawing uses matplotlib's Agg canvas (no display, no pyplot state), imported on first use.
 """
@@ -23,16 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters import RLRRConfig, plan_targets
 from adapters.inject import base_module
 from adapters.rlrr import rescale_weight
 
-__all__ = ["CURVES_NAME", "SHIFT_NAME", "SHIFT_JSON", "TOP_K", "LayerShift", "weight_shift", "read_log",
-           "plot_curves", "plot_shift", "draw_curves", "CurveWriter", "draw_shift", "write_shift"]
+__all__ = ["CURVES_NAME", "SHIFT_NAME", "SHIFT_JSON", "INIT_NAME", "TOP_K", "LayerShift", "weight_shift",
+           "read_log", "plot_curves", "plot_shift", "draw_curves", "CurveWriter", "draw_shift", "write_shift",
+           "save_init", "read_init"]
 
 CURVES_NAME, SHIFT_NAME, SHIFT_JSON = "training-curves.png", "adapter-shift.png", "adapter-shift.json"
+INIT_NAME = "adapter-init.safetensors"  # the rescaling vectors at step 0, in the run dir
 TOP_K = 8  # singular values compared per layer: the dominant directions the paper's SVD lens looks at
 
 
@@ -48,6 +53,8 @@ class LayerShift:
         sv_change: Mean over the top-k of (σ_i(W') − σ_i(W)) / σ_i(W); signed.
         sv_before: The top-k singular values of W.
         sv_after: The top-k singular values of W'.
+        rel_from_init: ‖W' − W'₀‖_F / ‖W‖_F, what training moved (None: the step-0 adapter is unknown).
+        rel_init: ‖W'₀ − W‖_F / ‖W‖_F, the shift already there at step 0 (None: unknown).
     """
 
     path: str
@@ -57,6 +64,27 @@ class LayerShift:
     sv_change: float
     sv_before: list[float]
     sv_after: list[float]
+    rel_from_init: float | None = None
+    rel_init: float | None = None
+
+
+def save_init(run_dir: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Keep the adapter's step-0 rescaling vectors (l, c) in the run dir, for the shift picture.
+
+    Args:
+        run_dir: The run's directory.
+        tensors: The adapter's tensors before the first step.
+    """
+    path = Path(run_dir) / INIT_NAME
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if k.endswith(("rlrr_l", "rlrr_c"))},
+              str(path))
+    return path
+
+
+def read_init(run_dir: str | os.PathLike | None) -> dict[str, torch.Tensor] | None:
+    """The step-0 vectors `save_init` kept, or None (no run dir, or a run from before they were kept)."""
+    path = None if run_dir is None else Path(run_dir) / INIT_NAME
+    return load_file(str(path)) if path is not None and path.is_file() else None
 
 
 def _top_singular_values(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,9 +92,15 @@ def _top_singular_values(w: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.svdvals(w if w.shape[0] >= w.shape[1] else w.T)[:k]  # tall: ~2x faster on CPU
 
 
+def _fold(w: torch.Tensor, tensors: Mapping[str, torch.Tensor], path: str, config: RLRRConfig) -> torch.Tensor:
+    get = lambda tag: tensors[f"{path}.{tag}"].to(w.device)
+    return rescale_weight(w, get("rlrr_l") if config.left else None, get("rlrr_c") if config.right else None,
+                          config.residual).float()
+
+
 @torch.no_grad()
 def weight_shift(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: RLRRConfig,
-                 k: int = TOP_K) -> list[LayerShift]:
+                 k: int = TOP_K, init: Mapping[str, torch.Tensor] | None = None) -> list[LayerShift]:
     """Per rescaled linear, how far the adapter moves W (see `LayerShift`); SSF and the head are left out.
 
     Costs one fold and two SVDs per layer (about 20 s for ViT-B/16 on one CPU thread).
@@ -76,23 +110,27 @@ def weight_shift(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: 
         tensors: The adapter's tensors (`adapter_state_dict` / `load_adapter(...).tensors`).
         config: The adapter's configuration.
         k: Singular values compared per layer.
+        init: The adapter's step-0 l and c (`read_init`): adds the change from there.
     """
     shifts = []
     for t in plan_targets(model, config):
         if t.kind != "rescale":
             continue
         w = base_module(model.get_submodule(t.path)).weight
-        get = lambda tag: tensors[f"{t.path}.{tag}"].to(w.device)  # noqa: B023 - used in this iteration
-        w_new = rescale_weight(w, get("rlrr_l") if config.left else None, get("rlrr_c") if config.right else None,
-                               config.residual).float()
+        w_new = _fold(w, tensors, t.path, config)
         w = w.float()
+        norm = torch.linalg.norm(w)
+        from_init = rel_init = None
+        if init is not None:
+            w_init = _fold(w, init, t.path, config)
+            from_init = (torch.linalg.norm(w_new - w_init) / norm).item()
+            rel_init = (torch.linalg.norm(w_init - w) / norm).item()
         before, after = _top_singular_values(w, k), _top_singular_values(w_new, k)
         _, block, layer = t.path.split(".", 2)
         shifts.append(LayerShift(
-            path=t.path, block=int(block), layer=layer,
-            rel_frobenius=(torch.linalg.norm(w_new - w) / torch.linalg.norm(w)).item(),
-            sv_change=((after - before) / before).mean().item(),
-            sv_before=before.tolist(), sv_after=after.tolist()))
+            path=t.path, block=int(block), layer=layer, rel_frobenius=(torch.linalg.norm(w_new - w) / norm).item(),
+            sv_change=((after - before) / before).mean().item(), sv_before=before.tolist(),
+            sv_after=after.tolist(), rel_from_init=from_init, rel_init=rel_init))
     return shifts
 
 
@@ -193,6 +231,13 @@ def _heatmap(fig: Any, ax: Any, values: list[list[float]], layers: list[str], n_
             ax.text(x, y, f"{v:{fmt}}", ha="center", va="center", fontsize=8, color="w" if dark_cell else "k")
 
 
+def _grid(shifts: list[LayerShift], layers: list[str], n_blocks: int, field: str) -> list[list[float]]:
+    values = [[float("nan")] * n_blocks for _ in layers]  # NaN: a layer this block does not have
+    for s in shifts:
+        values[layers.index(s.layer)][s.block] = 100.0 * getattr(s, field)
+    return values
+
+
 def plot_shift(shifts: list[LayerShift], out: str | os.PathLike, title: str = "", k: int = TOP_K) -> Path:
     """Draw the per-layer change of the backbone (blocks × layers heatmaps) into a PNG.
 
@@ -206,18 +251,24 @@ def plot_shift(shifts: list[LayerShift], out: str | os.PathLike, title: str = ""
         raise ValueError("the adapter rescales no linear layer (nothing to draw)")
     layers = list(dict.fromkeys(s.layer for s in shifts))
     n_blocks = max(s.block for s in shifts) + 1
-    frob = [[float("nan")] * n_blocks for _ in layers]
-    sv = [[float("nan")] * n_blocks for _ in layers]
-    for s in shifts:
-        frob[layers.index(s.layer)][s.block] = 100.0 * s.rel_frobenius
-        sv[layers.index(s.layer)][s.block] = 100.0 * s.sv_change
-    fig = _figure(max(6.5, 0.55 * n_blocks + 3.0), 1.2 + 2 * (0.45 * len(layers) + 0.9))
-    ax_frob, ax_sv = fig.subplots(2, 1)
+    grid = lambda field: _grid(shifts, layers, n_blocks, field)
+    learned = shifts[0].rel_from_init is not None
+    fig = _figure(max(6.5, 0.55 * n_blocks + 3.0), 1.2 + (2 + learned) * (0.45 * len(layers) + 0.9))
+    axes = list(fig.subplots(2 + learned, 1))
+    at_start = ""
+    if learned:  # the reference init is not the identity: part of ‖W′ − W‖ is there before any step
+        share = sum(s.rel_init for s in shifts) / max(sum(s.rel_frobenius for s in shifts), 1e-12)
+        at_start = f"\n({100 * share:.0f}% of it already at step 0: the adapter's init is not the identity)"
     top = max(s.rel_frobenius for s in shifts) * 100.0 or 1.0
-    _heatmap(fig, ax_frob, frob, layers, n_blocks, "viridis", 0.0, top,
-             "relative weight change ‖W′ − W‖ / ‖W‖", "% of ‖W‖")
+    _heatmap(fig, axes[0], grid("rel_frobenius"), layers, n_blocks, "viridis", 0.0, top,
+             f"change from the frozen weight, ‖W′ − W‖ / ‖W‖{at_start}", "% of ‖W‖")
+    if learned:  # its own scale: what training did is usually the smaller part
+        top = max(s.rel_from_init for s in shifts) * 100.0 or 1.0
+        _heatmap(fig, axes[1], grid("rel_from_init"), layers, n_blocks, "viridis", 0.0, top,
+                 "learned: change from the adapter at step 0, ‖W′ − W′₀‖ / ‖W‖", "% of ‖W‖")
+    ax_sv = axes[-1]
     reach = max(abs(s.sv_change) for s in shifts) * 100.0 or 1.0
-    _heatmap(fig, ax_sv, sv, layers, n_blocks, "RdBu_r", -reach, reach,
+    _heatmap(fig, ax_sv, grid("sv_change"), layers, n_blocks, "RdBu_r", -reach, reach,
              f"change of the top-{k} singular values: mean (σ′ᵢ − σᵢ) / σᵢ", "% (red: larger)")
     fig.suptitle(title or "how far the adapter moved the backbone")
     return _save(fig, out)
@@ -273,7 +324,8 @@ class CurveWriter:
 
 
 def draw_shift(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: RLRRConfig,
-               out_dir: str | os.PathLike, title: str = "", say: Callable[[str], None] = print) -> Path | None:
+               out_dir: str | os.PathLike, title: str = "", say: Callable[[str], None] = print,
+               init: Mapping[str, torch.Tensor] | None = None) -> Path | None:
     """`write_shift`, with a failure reported as one line instead of raised (training must not die for it).
 
     Args:
@@ -283,20 +335,21 @@ def draw_shift(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: RL
         out_dir: Where the PNG and the JSON of the numbers go.
         title: Figure title.
         say: Where a warning goes.
+        init: The adapter's step-0 l and c, when known.
     """
     out_dir = Path(out_dir)
     if not any(t.kind == "rescale" for t in plan_targets(model, config)):
         say("note: this adapter rescales no linear layer; no adapter-shift picture")
         return None
     try:
-        return write_shift(model, tensors, config, out_dir, title)
+        return write_shift(model, tensors, config, out_dir, title, init)
     except Exception as e:  # noqa: BLE001 - a picture must not lose a finished training run
         say(f"warning: could not draw {out_dir / SHIFT_NAME}: {e}")
         return None
 
 
 def write_shift(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: RLRRConfig,
-                out_dir: str | os.PathLike, title: str = "") -> Path:
+                out_dir: str | os.PathLike, title: str = "", init: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Compute `weight_shift`, write its numbers to adapter-shift.json and its picture to adapter-shift.png.
 
     Args:
@@ -305,8 +358,9 @@ def write_shift(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: R
         config: The adapter's configuration.
         out_dir: Where both files go.
         title: Figure title.
+        init: The adapter's step-0 l and c (`read_init`), when known.
     """
-    shifts = weight_shift(model, tensors, config)
+    shifts = weight_shift(model, tensors, config, init=init)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SHIFT_JSON).write_text(json.dumps([asdict(s) for s in shifts], indent=1) + "\n")

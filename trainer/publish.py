@@ -58,7 +58,8 @@ def draw_pictures(run: Run, title: str, metrics: dict[str, Any]) -> dict[str, st
     curves = plots.draw_curves(run_dir, title, metrics, log_name=log.name, say=say)
     shift = None
     if run.rlrr_config is not None:
-        shift = plots.draw_shift(run.model, adapter_state_dict(run.model), run.rlrr_config, run_dir, title, say=say)
+        shift = plots.draw_shift(run.model, adapter_state_dict(run.model), run.rlrr_config, run_dir, title, say=say,
+                                 init=plots.read_init(run_dir))
     paths = {"run_dir": run_dir, "log": log, "curves": curves, "shift": shift}
     return {k: None if v is None else str(Path(v).resolve()) for k, v in paths.items()}
 

@@ -59,7 +59,8 @@ def report_task(task: str, store: str | os.PathLike = "store", backbone: str | N
     adapter = load_adapter(directory, backbone=model)  # refuses other weights (fingerprint) or shapes
     shift = None
     if any(t.kind == "rescale" for t in plan_targets(model, adapter.config)):
-        shift = plots.write_shift(model, adapter.tensors, adapter.config, out_dir, title)
+        init = plots.read_init(log.parent if log is not None else None)  # kept in the run dir at step 0
+        shift = plots.write_shift(model, adapter.tensors, adapter.config, out_dir, title, init)
     else:
         say(f"note: '{task}' rescales no linear layer (method {meta.get('recipe', {}).get('method')}): no shift")
     return {"curves": curves, "shift": shift}

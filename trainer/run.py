@@ -21,7 +21,7 @@ from adapters.backbones import BackboneSpec
 
 from .backbone import backbone_spec, create_backbone
 from .checkpoint import CKPT_NAME, LOG_NAME
-from .config import TrainConfig
+from .config import SETTINGS_NAME, TrainConfig, default_run_dir
 from .data import ImageDataset, TaskData, build_transform, load_task_data, task_data_config
 from .errors import ConfigError, StoreError
 from .optim import adamw
@@ -44,7 +44,7 @@ class RunPaths:
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> RunPaths:
-        run_dir = Path(cfg.run_dir or Path("runs") / f"{cfg.task.name}-{cfg.method}-s{cfg.seed}")
+        run_dir = Path(cfg.run_dir or default_run_dir(cfg.task.name, cfg.method, cfg.seed))
         return cls(run_dir, Path(cfg.store) / cfg.task.name, run_dir / CKPT_NAME, run_dir / LOG_NAME)
 
 
@@ -180,3 +180,5 @@ def announce(run: Run) -> None:
         say(f"note: {note}")
     say(f"params: trainable {n_train:,} / total {n_total:,} ({100.0 * n_train / n_total:.3f}%)")
     (run.paths.run_dir / "config.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if cfg.settings:  # what --resume reuses
+        (run.paths.run_dir / SETTINGS_NAME).write_text(json.dumps(cfg.settings, indent=2) + "\n")

@@ -160,7 +160,7 @@ function showPage() {
 
 async function start() {
   await loadTasks();
-  const wanted = decodeURIComponent(location.hash.slice(1));
+  const wanted = fragmentTask();
   let chosen = state.tasks.find((t) => t.state === "loaded")?.name ?? null;
   if (wanted && wanted !== chosen) {  // a task on another page (or past the first 24)
     const response = await fetch(`/tasks/${encodeURIComponent(wanted)}`);
@@ -185,6 +185,15 @@ function search(query) {
     state.cursors = [null];
     loadTasks();
   }, 200);
+}
+
+function fragmentTask() {
+  // The task named after '#'; a malformed escape (#%E0%A4%A) names none, and must not stop the page.
+  try {
+    return decodeURIComponent(location.hash.slice(1));
+  } catch {
+    return "";
+  }
 }
 
 function resultRow(file, task, k) {

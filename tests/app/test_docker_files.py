@@ -42,8 +42,31 @@ def test_profiles(compose) -> None:
     assert services["prometheus"]["profiles"] == ["monitoring"]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
     assert services["trainer"]["profiles"] == ["train"]
-    assert services["trainer"]["command"] == ["python", "-m", "trainer"]
+    # `compose run trainer ARGS` replaces `command`: the program must be the entrypoint
+    assert services["trainer"]["entrypoint"] == ["python", "-m", "trainer"]
     assert services["trainer"]["image"] == services["app"]["image"]
+    assert any(v.endswith(":/data/datasets:ro") for v in services["trainer"]["volumes"])
+    assert services["trainer"]["environment"]["RLRR_DATA"] == "/data/datasets"
+
+
+def test_compose_base_image_is_the_dockerfiles(compose) -> None:
+    # One default base, an overridable build arg: `RLRR_BASE_IMAGE=... docker compose build`
+    dockerfile = re.search(r"^ARG BASE_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+    arg = compose["services"]["app"]["build"]["args"]["BASE_IMAGE"]
+    assert arg == f"${{RLRR_BASE_IMAGE:-{dockerfile}}}"
+
+
+def test_cpu_override_drops_only_the_gpu_reservation() -> None:
+    text = (ROOT / "deploy" / "compose.cpu.yml").read_text()
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!reset", lambda _loader, _node: "RESET")
+    cpu = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    assert cpu["services"] == {"app": {"deploy": "RESET"}, "trainer": {"deploy": "RESET"}}
+
+
+def test_default_backbone_is_not_pinned_in_compose(compose) -> None:
+    # Empty = the package default (the demo adapters' backbone), so compose cannot drift from it.
+    assert compose["services"]["app"]["environment"]["RLRR_BACKBONE"] == "${RLRR_BACKBONE:-}"
 
 
 def test_prometheus_scrapes_the_app() -> None:

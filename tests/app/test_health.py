@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,6 +15,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 
 PNG = {"content-type": "image/png"}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_healthz_and_readyz(client) -> None:
@@ -89,6 +95,11 @@ def test_settings_from_env(monkeypatch) -> None:
         ({"backbone": "test_vit", "pretrained": True, "checkpoint": None}, "RLRR_CHECKPOINT=FILE"),
         ({"backbone": "no_such_vit", "checkpoint": None}, "unknown timm model 'no_such_vit'"),
         ({"checkpoint": "/nonexistent/w.safetensors"}, "no such file"),
+        # a typo in the pretrained tag: timm's own error is a RuntimeError deep in create_model
+        ({"backbone": "vit_pico_patch4_32.cifar6", "checkpoint": None},
+         "unknown pretrained tag 'cifar6' for 'vit_pico_patch4_32'; timm has: cifar5"),
+        ({"backbone": "vit_base_patch16_224.augreg_in21", "checkpoint": None},
+         "unknown pretrained tag 'augreg_in21' for 'vit_base_patch16_224'; timm has: "),
     ],
 )
 def test_python_m_app_says_why_the_backbone_cannot_be_had(make_settings, overrides, expected) -> None:
@@ -97,6 +108,23 @@ def test_python_m_app_says_why_the_backbone_cannot_be_had(make_settings, overrid
 
     reason = check_backbone(make_settings(**overrides))
     assert reason is not None and expected in reason
+
+
+def test_python_m_app_finds_a_port_in_use_before_warm_up(make_settings, tmp_path) -> None:
+    # The port is checked first: the process exits with one line in about a second, before any
+    # backbone is built (which here would fail too, and say so instead, were it built first).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RLRR_HOST": "127.0.0.1", "RLRR_PORT": str(port), "RLRR_STORE": str(tmp_path),
+               "RLRR_BACKBONE": "no_such_vit", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port} on 127.0.0.1 is already in use" in lines[0], proc.stderr
+    assert "RLRR_PORT" in lines[0] and "no_such_vit" not in proc.stderr
 
 
 def test_python_m_app_accepts_a_loadable_backbone(make_settings) -> None:

@@ -200,3 +200,28 @@ def _screenshot(page: Page, name: str) -> None:
     out.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(out), full_page=True)
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("fragment", ["%E0%A4%A", "%", "%ZZ", "ants-bees%"])
+def test_page_survives_a_malformed_fragment(browser: Browser, demo_server: str, fragment: str) -> None:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{demo_server}/#{fragment}")
+    expect(page.locator("body[data-ready=true]")).to_be_attached()
+    first = next(t["name"] for t in httpx.get(f"{demo_server}/tasks").json()["tasks"] if t["state"] == "loaded")
+    expect(page.locator("#chosen")).to_have_text(first)
+    assert errors == []
+
+
+def test_docs_render_under_their_content_security_policy(browser: Browser, demo_server: str) -> None:
+    page = browser.new_page()
+    blocked: list[str] = []
+    page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+    page.goto(f"{demo_server}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("rlrr-serve")
+    expect(page.locator(".opblock").first).to_be_visible()
+    page.goto(f"{demo_server}/redoc")
+    expect(page.locator("h1").first).to_contain_text("rlrr-serve")
+    # Only what comes from elsewhere is blocked (ReDoc's CDN logo): nothing of the server's own, no inline script.
+    assert [m for m in blocked if "https://" not in m] == [], blocked

@@ -6,6 +6,7 @@ in-process on the same store and checkpoint as the oracle.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -116,6 +117,25 @@ def test_tasks_health_metrics_and_errors_match(http: httpx.Client, single: TestC
     assert "rlrr_replica_requests_total{replica=" in text and 'task="' not in text
 
 
+def test_v2_through_the_same_front(http: httpx.Client, single: TestClient, png: Callable[..., bytes]) -> None:
+    # The KServe V2 routes reach the replicas through the ingress, with the single server's answers.
+    body = {"id": "7", "parameters": {"top_k": 3}, "inputs": [
+        {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png(1)).decode()]}]}
+    got, want = http.post("/v2/models/beta/infer", json=body), single.post("/v2/models/beta/infer", json=body)
+    assert got.status_code == want.status_code == 200, got.text
+    g, w = got.json(), want.json()
+    assert (g["model_name"], g["model_version"], g["id"]) == (w["model_name"], w["model_version"], "7")
+    outputs = lambda answer: {o["name"]: o["data"] for o in answer["outputs"]}
+    assert outputs(g)["labels"] == outputs(w)["labels"]
+    assert outputs(g)["scores"] == pytest.approx(outputs(w)["scores"], abs=SCORE_TOL)
+    for path in ("/v2/models/beta", "/v2/models/beta/ready", "/v2/health/ready", "/v2/models/nope"):
+        g, w = http.get(path), single.get(path)
+        assert (g.status_code, g.json()) == (w.status_code, w.json()), path
+    version = w["model_version"]
+    assert http.get(f"/v2/models/beta/versions/{version}/ready").status_code == 200
+    assert http.post("/v2/models/beta/versions/0000/infer", json=body).status_code == 404
+
+
 def test_a_tasks_requests_stay_on_one_replica(http: httpx.Client, png: Callable[..., bytes]) -> None:
     first = {}
     for seed, task in enumerate(TASKS):
@@ -191,8 +211,10 @@ def test_serve_yaml_builds_the_application() -> None:
 
 def test_ingress_mounts_the_single_servers_routes_but_no_admin_ones() -> None:
     paths = ray_serve.Ingress(None, Settings()).__serve_build_asgi_app__().openapi()["paths"]
-    assert set(paths) == {"/classify", "/tasks", "/tasks/{name}", "/healthz", "/readyz", "/metrics", "/replicas"}
-    assert set(paths["/tasks/{name}"]) == {"get"}  # no upload or delete: adapters are written into the store
     single = create_app(Settings()).openapi()["paths"]
+    # One router list: every route of the single server, the Open Inference Protocol's too, plus /replicas
+    assert set(paths) == set(single) | {"/replicas"}
+    assert {"/classify", "/tasks", "/healthz", "/v2/models/{task}/infer", "/v2/health/ready"} <= set(paths)
+    assert set(paths["/tasks/{name}"]) == {"get"}  # no upload or delete: adapters are written into the store
     for path in paths.keys() - {"/replicas"}:  # the same routes: same parameters, bodies and answers
         assert all(paths[path][method] == single[path][method] for method in paths[path]), path

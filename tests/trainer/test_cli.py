@@ -54,6 +54,32 @@ def test_offline_without_checkpoint(tiny_imagefolder: Path, tmp_path: Path,
     assert_one_line_error(code, err, "offline", "pass --checkpoint FILE")
 
 
+@pytest.mark.parametrize(("name", "expected"), [
+    ("vit_pico_patch4_32.cifar6", "unknown pretrained tag 'cifar6' for 'vit_pico_patch4_32'; timm has: cifar5"),
+    ("vit_base_patch16_224.augreg_in21", "unknown pretrained tag 'augreg_in21' for 'vit_base_patch16_224'"),
+])
+def test_bad_pretrained_tag(name: str, expected: str, tiny_imagefolder: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["--task", "tiny", "--data-root", tiny_imagefolder, "--backbone", name, "--workers", 0,
+                            "--store", tmp_path / "s", "--run-dir", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, expected)
+
+
+def test_backbone_defaults_to_the_served_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import Settings
+    from trainer.cli import build_parser
+
+    for env in ({}, {"RLRR_BACKBONE": ""}, {"RLRR_BACKBONE": "test_vit", "RLRR_CHECKPOINT": "w.safetensors"}):
+        for name in ("RLRR_BACKBONE", "RLRR_CHECKPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        args = build_parser().parse_args(["train", "--task", "x"])
+        served = Settings()
+        assert args.backbone == served.backbone
+        assert args.checkpoint == (None if served.checkpoint is None else str(served.checkpoint))
+
+
 def test_store_refuses_to_overwrite(base: list[str], tiny_imagefolder: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     existing = tmp_path / "store" / "tiny"

@@ -96,6 +96,30 @@ def test_no_residual_identity_adapter_moves_nothing() -> None:
         assert s.rel_frobenius == pytest.approx(0.0, abs=1e-7)
 
 
+def test_shift_from_the_adapters_own_start(tmp_path: Path) -> None:
+    # Reference init (not the identity): at step 0 the whole shift from W is "from init", none learned.
+    model = _adapted()
+    init = adapter_state_dict(model)
+    plots.save_init(tmp_path, init)
+    kept = plots.read_init(tmp_path)
+    assert set(kept) == {k for k in init if k.endswith(("rlrr_l", "rlrr_c"))}
+    at_start = plots.weight_shift(model, init, model.rlrr_config, init=kept)
+    assert all(s.rel_frobenius > 0 for s in at_start)  # the reference init already moves W
+    for s in at_start:
+        assert s.rel_from_init == 0.0 and s.rel_init == pytest.approx(s.rel_frobenius, rel=1e-6), s.path
+    # "Training" adds 0.1 to every l: the change from the start is that step alone, not the init's share.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("rlrr_l"):
+                p.add_(0.1)
+    later = plots.weight_shift(model, adapter_state_dict(model), model.rlrr_config, init=kept)
+    for a, b in zip(at_start, later, strict=True):
+        assert b.rel_from_init > 0 and b.rel_init == pytest.approx(a.rel_init)
+        assert b.rel_from_init != pytest.approx(b.rel_frobenius)
+    assert plots.read_init(tmp_path / "elsewhere") is None
+    assert_png(plots.plot_shift(later, tmp_path / "s.png", "t"), min_h=400)  # three panels
+
+
 def test_plots_are_readable_pngs(tmp_path: Path) -> None:
     records = [{"epoch": e, "lr": 1e-3 / e, "train_loss": 1 / e, "train_top1": 50 + 5 * e,
                 "val_top1": 45 + 4 * e, "val_loss": 1.2 / e} for e in range(1, 6)]
@@ -132,7 +156,10 @@ def test_training_run_draws_both_and_report_redraws_them(tiny_imagefolder: Path,
     assert_png(run_dir / plots.CURVES_NAME, 1000, 300)
     assert_png(run_dir / plots.SHIFT_NAME)
     n_blocks = len(timm.create_model("test_vit").blocks)
-    assert len(json.loads((run_dir / plots.SHIFT_JSON).read_text())) == 4 * n_blocks
+    numbers = json.loads((run_dir / plots.SHIFT_JSON).read_text())
+    assert len(numbers) == 4 * n_blocks
+    assert (run_dir / plots.INIT_NAME).is_file()  # step 0 kept: the picture shows what training moved
+    assert all(s["rel_from_init"] > 0 and s["rel_init"] > 0 for s in numbers)
     training = load_adapter(store / "tiny").metadata["training"]
     assert training == {"run_dir": str(run_dir.resolve()), "log": str((run_dir / "log.jsonl").resolve()),
                         "curves": str((run_dir / plots.CURVES_NAME).resolve()),

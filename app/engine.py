@@ -157,17 +157,19 @@ class Engine:
         """
         await self._call(self._probe, task)
 
-    async def retire(self, task: LoadedTask) -> None:
-        """Stop serving a replaced or deleted task version: out of the task table and the cache now.
+    async def retire(self, task: LoadedTask, trim: bool = True) -> None:
+        """Stop serving a replaced, deleted or evicted task version: out of the task table and the cache now.
 
         A batch already running or still queued holds the version's handle and runs it unchanged;
         its memory goes with the last such batch.
 
         Args:
             task: The old version.
+            trim: Hand freed heap pages back to the OS now (evictions trim in bulk instead).
         """
         self._prune([task.key])
-        await asyncio.to_thread(trim_heap)
+        if trim:
+            await asyncio.to_thread(trim_heap)
 
     async def warm_up(self, tasks: list[LoadedTask]) -> None:
         """Run each form once (kernels, allocator, lazy init), then time them for `auto`.

@@ -154,6 +154,6 @@ async def _record_request(request: Request, call_next: Callable[[Request], Await
     route = request.scope.get("route")
     path = getattr(route, "path", "unmatched")  # the template, not the raw path: bounded label values
     metrics = request.app.state.service.metrics
-    metrics.requests.labels(path, getattr(request.state, "task", ""), str(response.status_code)).inc()
+    metrics.count_request(path, getattr(request.state, "task", ""), str(response.status_code))
     metrics.latency.labels(path).observe(time.perf_counter() - start)
     return response

@@ -7,8 +7,9 @@
 Two deployments. `Ingress` (no model, no GPU) serves the single server's routes, built by the same
 factory (`app.main.build_api`), over `Replicas`, which calls `Classifier` with the task name as the
 multiplexed model id, so Serve routes a task's requests to replicas that already hold it. Each
-`Classifier` replica holds the single server's `Service` (app.service) over the shared store, loading a
-task on its first request and dropping the least recently used one past `ray_tasks_per_replica`.
+`Classifier` replica holds the single server's `Service` (app.service) over the shared store, with the
+same tiers: every config read at start, a task made resident on its first request on that replica, the
+least recently used evicted past `resident_bytes` (a byte budget per replica, not a task count).
 
 Every classify answer names its replica (`x-rlrr-replica` header); `GET /replicas` counts requests per
 replica and task as seen by this ingress replica. Admin uploads are not routed here: write adapters
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import contextvars
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,17 +32,16 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from app.errors import AppError, InvalidAdapter, NotReady, UnknownTask
+from app.errors import AppError, NotReady
 from app.main import ROUTERS, build_api
 from app.metrics import Metrics
 from app.schemas import ClassifyResponse, TaskDetail, TaskList
 from app.service import Service
 from app.settings import Settings
-from app.tasks import LoadedTask
 
 READY_TIMEOUT_S = 5.0  # /readyz answers 503 rather than hang while no classifier replica is up
 REPLICA_HEADER = "x-rlrr-replica"
-_background: set[asyncio.Task[None]] = set()  # strong references: the loop only keeps weak ones
+HELD_SHOWN = 100  # resident task names a reply (and /replicas) lists per replica
 # The replica that answered this request, for the header (set by `Replicas.classify`, read by `_name_replica`).
 _answered_by: contextvars.ContextVar[list[str]] = contextvars.ContextVar("answered_by")
 
@@ -54,60 +53,14 @@ class Reply:
     Attributes:
         answer: The `ClassifyResponse` fields.
         replica: Serve's unique id of the replica that ran it.
-        held: Tasks loaded on that replica after the call.
+        held: Tasks resident on that replica after the call (the first HELD_SHOWN by name).
+        resident: How many tasks are resident there.
     """
 
     answer: dict[str, Any]
     replica: str
     held: list[str] = field(default_factory=list)
-
-
-class _Slot:
-    """What Serve's multiplexer caches for a task: the loaded version, reloaded when the store's copy changes.
-
-    Args:
-        service: The replica's service.
-        name: Task name.
-    """
-
-    def __init__(self, service: Service, name: str) -> None:
-        self.service, self.name = service, name
-        self.task: LoadedTask | None = None
-        self.signature: tuple[int, ...] | None = None
-        self._loop = asyncio.get_running_loop()
-        self._lock = asyncio.Lock()
-        self._unloaded = False
-
-    async def current(self) -> LoadedTask:
-        """The task's current version, (re)loading it if the store holds a different one."""
-        async with self._lock:
-            registry = self.service.registry
-            signature = registry.signature(self.name)  # taken before loading: a change during
-            if signature is None:                      # the load is seen on the next request
-                await self.service.unload_task(self.name, self.task.key if self.task else None)
-                raise UnknownTask(f"unknown task {self.name!r}", tasks=registry.stored_names())
-            if self.task is None or signature != self.signature:
-                try:
-                    self.task = await self.service.load_task(self.name)
-                except InvalidAdapter as exc:  # the single server skips such adapters: 404 there too
-                    raise UnknownTask(f"task {self.name!r} is not served: {exc.detail}") from exc
-                self.signature = signature
-            return self.task
-
-    def __del__(self) -> None:
-        # Serve calls this (on a worker thread) when it evicts the task; GC may call it again later.
-        if self._unloaded or self.task is None:
-            return
-        self._unloaded = True
-        # A closed loop means the replica is going away, and its engine with it: nothing to free.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(_spawn_unload, self.service, self.name, self.task.key)
-
-
-def _spawn_unload(service: Service, name: str, key: str) -> None:
-    task = asyncio.get_running_loop().create_task(service.unload_task(name, key))
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    resident: int = 0
 
 
 class Classifier:
@@ -118,14 +71,15 @@ class Classifier:
     """
 
     async def __init__(self, settings: Settings) -> None:
-        self.service = Service(settings, on_demand=True)
+        self.service = Service(settings, watch_store=True)
         await self.service.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
 
-        async def load_task(name: str) -> _Slot:  # a plain function: Serve stores its LRU on it
-            return _Slot(self.service, name)
+        async def held(name: str) -> str:  # a plain function: Serve stores its LRU on it
+            # Only the routing hint (which ids this replica advertises); memory is the registry's budget.
+            return name
 
-        self._task = serve.multiplexed(max_num_models_per_replica=settings.ray_tasks_per_replica)(load_task)
+        self._task = serve.multiplexed(max_num_models_per_replica=settings.ray_tasks_per_replica)(held)
 
     async def classify(self, task: str, images: list[bytes], top_k: int) -> Reply:
         """Classify encoded images under a task (Serve routed the call here by its multiplexed id).
@@ -136,13 +90,21 @@ class Classifier:
             top_k: Classes per image.
         """
         start = time.perf_counter()
-        loaded = await (await self._task(task)).current()
+        await self._task(task)
+        loaded = await self.service.load_task(task)  # resident on this replica, reread if the store changed
         answer = await self.service.answer(loaded, images, top_k, since=start)
-        return Reply(answer.model_dump(), self.replica, sorted(self.service.registry.tasks))
+        resident = self.service.registry.tasks
+        return Reply(answer.model_dump(), self.replica, sorted(resident)[:HELD_SHOWN], len(resident))
 
-    async def catalog(self) -> dict[str, Any]:
-        """GET /tasks: the backbone and every task in the store, servable (`loaded`) or refused (`skipped`)."""
-        return (await self.service.catalog()).model_dump()
+    async def catalog(self, limit: int, cursor: str | None, name: str | None) -> dict[str, Any]:
+        """GET /tasks: a page of the store's tasks, servable (`loaded`, with this replica's tier) or refused.
+
+        Args:
+            limit: Most tasks in the page.
+            cursor: The previous page's `next_cursor`.
+            name: Only names containing this.
+        """
+        return (await self.service.catalog(limit, cursor, name)).model_dump()
 
     async def detail(self, name: str) -> dict[str, Any]:
         """GET /tasks/NAME.
@@ -172,11 +134,13 @@ class Replicas:
     def __init__(self, classifier: DeploymentHandle, settings: Settings) -> None:
         self.classifier = classifier
         self.settings = settings
-        self.metrics = Metrics()
-        self.per_replica = Counter("rlrr_replica_requests_total", "Classify requests by classifier replica and task.",
-                                   ["replica", "task"], registry=self.metrics.registry)
+        self.metrics = Metrics(per_task=settings.task_metrics)
+        labels = ["replica", "task"] if settings.task_metrics else ["replica"]  # per task: opt-in (metrics.py)
+        self.per_replica = Counter("rlrr_replica_requests_total", "Classify requests by classifier replica "
+                                   "(and task with RLRR_TASK_METRICS).", labels, registry=self.metrics.registry)
         self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self.held: dict[str, list[str]] = {}
+        self.resident: dict[str, int] = {}
 
     async def start(self) -> None:
         """Nothing to start: the replicas hold the backbones."""
@@ -206,13 +170,20 @@ class Replicas:
         reply: Reply = await _unwrap(call)
         self.counts[reply.replica][task] += 1
         self.held[reply.replica] = reply.held
-        self.per_replica.labels(reply.replica, task).inc()
+        self.resident[reply.replica] = reply.resident
+        self.per_replica.labels(*([reply.replica, task] if self.metrics.per_task else [reply.replica])).inc()
         _answered_by.get([]).append(reply.replica)
         return ClassifyResponse(**{**reply.answer, "time_ms": round((time.perf_counter() - since) * 1000, 3)})
 
-    async def catalog(self) -> TaskList:
-        """The backbone and every task in the store, as a classifier replica sees them."""
-        return TaskList(**await _unwrap(self.classifier.catalog.remote()))
+    async def catalog(self, limit: int = 100, cursor: str | None = None, name: str | None = None) -> TaskList:
+        """A page of the store's tasks, as a classifier replica sees them.
+
+        Args:
+            limit: Most tasks in the page.
+            cursor: The previous page's `next_cursor`.
+            name: Only names containing this.
+        """
+        return TaskList(**await _unwrap(self.classifier.catalog.remote(limit, cursor, name)))
 
     async def detail(self, name: str) -> TaskDetail:
         """One task, as a classifier replica sees it.
@@ -233,7 +204,8 @@ class Replicas:
 
     def replicas(self) -> dict[str, Any]:
         """Classify requests per classifier replica and task, and the tasks each replica held last."""
-        return {"replicas": {r: {"requests": dict(sorted(c.items())), "tasks_held": self.held.get(r, [])}
+        return {"replicas": {r: {"requests": dict(sorted(c.items())), "tasks_held": self.held.get(r, []),
+                                 "tasks_resident": self.resident.get(r, 0)}
                              for r, c in sorted(self.counts.items())}}
 
 

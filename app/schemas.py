@@ -12,6 +12,7 @@ from adapters.backbones import WEIGHTS_DIR
 
 if TYPE_CHECKING:
     from app.engine import Engine
+    from app.registry import Entry
     from app.settings import Settings
     from app.tasks import LoadedTask
 
@@ -58,11 +59,15 @@ class BackboneInfo(BaseModel):
 
 
 class TaskInfo(BaseModel):
-    """A task in the store: served (`loaded`) or refused (`skipped`, with the reason)."""
+    """A task in the store: servable (`loaded`, in whichever tier) or refused (`skipped`, with the reason)."""
 
     name: str
     state: Literal["loaded", "skipped"]
     reason: str | None = None
+    tier: Literal["stored", "resident", "folded"] | None = Field(
+        None, description="Where a servable task is: only in the store (read on its next request), its tensors "
+        "in memory, or also folded into the merged-weights cache.")
+    pinned: bool = Field(False, description="Loaded at start-up (or upload) and never evicted.")
     version: str | None = None
     method: str | None = Field(None, description="The adapter's method: rlrr, lora, bitfit or ia3.")
     num_classes: int | None = None
@@ -83,10 +88,12 @@ class TaskDetail(TaskInfo):
 
 
 class TaskList(BaseModel):
-    """Answer to GET /tasks."""
+    """Answer to GET /tasks: one page of tasks, in name order."""
 
     backbone: BackboneInfo
     tasks: list[TaskInfo]
+    total: int = Field(0, description="Tasks matching the filter, over all pages.")
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
 
 
 class Health(BaseModel):
@@ -149,6 +156,41 @@ def task_detail(task: LoadedTask) -> TaskDetail:
     a = task.adapter
     return TaskDetail(**task_info(task).model_dump(), config=a.config.to_dict(),
                       data_config=task.data_config, metadata=_no_paths(a.metadata))
+
+
+def entry_info(entry: Entry, folded: bool) -> TaskInfo:
+    """Summary of a task of the store, in whichever tier, without reading its tensors.
+
+    Args:
+        entry: The registry's entry.
+        folded: Whether its resident version is in the merged-weights cache.
+    """
+    if entry.reason is not None or entry.stored is None:
+        return TaskInfo(name=entry.name, state="skipped", reason=entry.reason, pinned=entry.pinned)
+    if entry.resident is not None:
+        return task_info(entry.resident).model_copy(update={"tier": "folded" if folded else "resident",
+                                                            "pinned": entry.pinned})
+    s = entry.stored
+    return TaskInfo(name=entry.name, state="loaded", tier="stored", pinned=entry.pinned, version=s.version,
+                    method=s.method,
+                    num_classes=s.num_classes, labels=s.labels, parameters=s.parameters, bytes=s.nbytes,
+                    base_model=s.base_model, metrics=dict(s.metadata.get("metrics") or {}))
+
+
+def entry_detail(entry: Entry, folded: bool) -> TaskDetail:
+    """Everything about a task of the store, without reading its tensors.
+
+    Args:
+        entry: The registry's entry.
+        folded: Whether its resident version is in the merged-weights cache.
+    """
+    info = entry_info(entry, folded).model_dump()
+    if entry.resident is not None:
+        return task_detail(entry.resident).model_copy(update={k: info[k] for k in ("tier", "pinned")})
+    s = entry.stored
+    if s is None:
+        return TaskDetail(**info)
+    return TaskDetail(**info, config=s.config, data_config=s.data_config, metadata=_no_paths(s.metadata))
 
 
 def _no_paths(value: Any) -> Any:

@@ -5,9 +5,9 @@
     answer = await service.classify("pets", [jpeg_bytes], top_k=5)
     await service.close()
 
-A `Service` is the `Engine` (backbone), the `Registry` (tasks and their store), the `Batcher`, the
-`Preprocessor` and the `Metrics`. Both front-ends hold one: the FastAPI app (app.main) and each Ray
-Serve classifier replica (app.ray_serve, `on_demand`). The routes they share call it through `Front`.
+A `Service` is the `Engine` (backbone), the `Registry` (tasks, their store and tiers), the `Batcher`,
+the `Preprocessor` and the `Metrics`. Both front-ends hold one: the FastAPI app (app.main) and each
+Ray Serve classifier replica (app.ray_serve, `watch_store`). The routes they share call it through `Front`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,20 @@ from prometheus_client import CollectorRegistry
 
 from app.batcher import Batcher
 from app.engine import Engine
-from app.errors import InvalidAdapter, NotReady, UnknownTask
+from app.errors import NotReady
 from app.metrics import Metrics
 from app.peft_upload import is_peft_upload, peft_to_adapter
 from app.preprocess import Preprocessor, scale_size
-from app.registry import Registry, check_name
-from app.schemas import ClassifyResponse, TaskDetail, TaskInfo, TaskList, backbone_info, classify_response, task_detail
+from app.registry import Entry, Registry
+from app.schemas import (
+    ClassifyResponse,
+    TaskDetail,
+    TaskList,
+    backbone_info,
+    classify_response,
+    entry_detail,
+    entry_info,
+)
 from app.settings import Settings
 from app.tasks import BatchItem, LoadedTask, TopK
 
@@ -51,7 +59,7 @@ class Front(Protocol):
     async def classify(self, task: str, images: Sequence[bytes], top_k: int,
                        since: float | None = None) -> ClassifyResponse: ...
 
-    async def catalog(self) -> TaskList: ...
+    async def catalog(self, limit: int = 100, cursor: str | None = None, name: str | None = None) -> TaskList: ...
 
     async def detail(self, name: str) -> TaskDetail: ...
 
@@ -62,8 +70,8 @@ class Service:
     Args:
         settings: The service settings.
         metrics_registry: Prometheus registry of its metrics; a fresh one when None.
-        on_demand: Load no task at start, each one when first asked for (`load_task`), and list the
-            store as it is now (a Ray replica: it holds the tasks Serve sends it, beside others).
+        watch_store: Compare a task's files with the known ones on each request and reread them if they
+            changed (a Ray replica: other processes write the store, and admin uploads are not routed to it).
     """
 
     engine: Engine
@@ -72,26 +80,28 @@ class Service:
     preprocessor: Preprocessor
 
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None, *,
-                 on_demand: bool = False) -> None:
+                 watch_store: bool = False) -> None:
         self.settings = settings
-        self.metrics = Metrics(metrics_registry)
-        self.on_demand = on_demand
+        self.metrics = Metrics(metrics_registry, per_task=settings.task_metrics)
+        self.watch_store = watch_store
         self.ready = False
-        self._warm = not (settings.warmup and on_demand)  # warmed up at start, unless it starts with no task
-        self._details: dict[str, tuple[tuple[int, ...] | None, TaskDetail]] = {}  # on demand: name -> (files, detail)
+        self._warm = not settings.warmup  # warmed up at start, or on the first load if no task could be
 
     async def start(self) -> None:
-        """Build the backbone, load the store's adapters (unless on demand), warm up; then ready."""
+        """Build the backbone, read the store's configs and load the pinned tasks, warm up; then ready."""
         settings, metrics = self.settings, self.metrics
         self.engine = await asyncio.to_thread(Engine.from_settings, settings, metrics)
         _announce(self.engine, metrics)
-        self.registry = Registry(settings.store, self.engine)
-        if not self.on_demand:
-            await self.registry.load_store()
-            log.info("serving %d task(s) from %s; %d skipped", len(self.registry.tasks), settings.store,
-                     len(self.registry.skipped))
+        self.registry = registry = Registry(settings.store, self.engine, settings.resident_bytes,
+                                            settings.pinned_tasks)
+        await registry.load_store()
+        log.info("%d task(s) in %s (%d pinned, %d skipped); resident budget %.0f MiB", len(registry.entries),
+                 settings.store, sum(e.pinned for e in registry.entries.values()), len(registry.skipped),
+                 settings.resident_bytes / 2**20)
         if settings.warmup:
-            await self.engine.warm_up(list(self.registry.tasks.values()))
+            first = await registry.warm_task()
+            await self.engine.warm_up([first] if first is not None else [])
+            self._warm = first is not None
         self.batcher = Batcher(self.engine.run, max_batch_size=settings.max_batch_size,
                                max_wait_s=settings.max_wait_ms / 1000, max_queue=settings.queue_size,
                                on_batch=self._observe_batch, on_depth=metrics.queue_depth.set)
@@ -108,18 +118,19 @@ class Service:
         self.engine.close()
 
     async def readiness(self) -> int:
-        """The number of tasks it can serve; `NotReady` while starting or stopping."""
+        """The number of tasks it can serve (in any tier); `NotReady` while starting or stopping."""
         if not self.ready:
             raise NotReady("not ready")
-        return len(self.registry.stored_names()) if self.on_demand else len(self.registry.tasks)
+        return len(self.registry.entries) - len(self.registry.skipped)
 
     def admit(self, task: str) -> None:
-        """Refuse a request before its body is read: unknown task, or no room in the queue.
+        """Refuse a request before its body is read (unknown task, no room in the queue); start loading a
+        stored task meanwhile.
 
         Args:
             task: Task name.
         """
-        self.registry.get(task)
+        self.registry.check(task)
         self.batcher.check_room(1)
 
     async def classify(self, task: str, images: Sequence[bytes], top_k: int,
@@ -132,8 +143,7 @@ class Service:
             top_k: Classes per image.
             since: `time.perf_counter()` when the request arrived; now when None.
         """
-        loaded = await self.load_task(task) if self.on_demand else self.registry.get(task)
-        return await self.answer(loaded, images, top_k, since)
+        return await self.answer(await self.load_task(task), images, top_k, since)
 
     async def answer(self, task: LoadedTask, images: Sequence[bytes], top_k: int,
                      since: float | None = None) -> ClassifyResponse:
@@ -162,44 +172,56 @@ class Service:
         """
         self.batcher.check_room(len(images))  # a full queue answers 503 before any decoding work
         tensors = await self.preprocessor.decode_many(images, task.transform, scale_size(task.data_config))
-        futures = self.batcher.submit_many([BatchItem(task, t, k) for t in tensors])
-        predictions = list(await asyncio.gather(*futures))
-        self.metrics.images.labels(task.name).inc(len(predictions))  # counted once the whole request is answered
+        self.registry.hold(task, +1)  # not evicted while its rows are queued
+        try:
+            futures = self.batcher.submit_many([BatchItem(task, t, k) for t in tensors])
+            predictions = list(await asyncio.gather(*futures))
+        finally:
+            self.registry.hold(task, -1)
+        self.metrics.count_images(task.name, len(predictions))  # counted once the whole request is answered
         return predictions
 
-    async def catalog(self) -> TaskList:
-        """The backbone and every task: servable (`loaded`) or refused with its reason (`skipped`)."""
-        registry = self.registry
-        names = registry.stored_names() if self.on_demand else [*registry.tasks, *registry.skipped]
-        details = [await self.detail(name) for name in names]
-        ordered = sorted(details, key=lambda d: (d.state != "loaded", d.name))
-        tasks = [TaskInfo(**d.model_dump(include=set(TaskInfo.model_fields))) for d in ordered]
-        return TaskList(backbone=backbone_info(self.engine, self.settings), tasks=tasks)
+    async def catalog(self, limit: int = 100, cursor: str | None = None, name: str | None = None) -> TaskList:
+        """One page of the store's tasks in name order: servable (`loaded`, with their tier) or refused.
+
+        The page's work plus one scan of the names, on the event loop; no task's tensors are read.
+
+        Args:
+            limit: Most tasks in the page.
+            cursor: The previous page's `next_cursor` (tasks after that name).
+            name: Only tasks whose name contains this (case-insensitive).
+        """
+        entries, total = self.registry.page(cursor, limit + 1, name)
+        more = len(entries) > limit
+        entries = entries[:limit]
+        tasks = [entry_info(e, self._folded(e)) for e in entries]
+        return TaskList(backbone=backbone_info(self.engine, self.settings), tasks=tasks, total=total,
+                        next_cursor=entries[-1].name if more else None)
 
     async def detail(self, name: str) -> TaskDetail:
-        """One task: labels, configuration, training metrics; or why it was refused.
+        """One task: labels, configuration, training metrics, tier; or why it was refused.
 
         Args:
             name: Task name.
         """
-        if self.on_demand:
-            return await self._stored_detail(name)
-        if name in self.registry.skipped:
-            return TaskDetail(name=name, state="skipped", reason=self.registry.skipped[name])
-        return task_detail(self.registry.get(name))
+        entry = await self.registry.describe(name, refresh=self.watch_store)
+        return entry_detail(entry, self._folded(entry))
 
-    async def add_task(self, name: str, config: bytes, weights: bytes, labels: list[str] | None = None) -> TaskDetail:
+    async def add_task(self, name: str, config: bytes, weights: bytes, pinned: bool = False,
+                       labels: list[str] | None = None) -> TaskDetail:
         """Validate an adapter, write it into the store atomically and serve it (nothing changes if it fails).
 
         Args:
             name: Task name (already validated).
             config: Contents of the adapter's config file (this server's, or PEFT's).
             weights: Contents of its weights file.
+            pinned: Never evict it (until restart, or an upload without the flag).
             labels: Class names of a PEFT adapter (PEFT stores none).
         """
         if is_peft_upload(config):  # converted for this backbone, then the same validation and install
             config, weights = await asyncio.to_thread(peft_to_adapter, self.engine, config, weights, labels)
-        return task_detail(await self.registry.install(name, config, weights))
+        await self.registry.install(name, config, weights, pinned)
+        return await self.detail(name)
 
     async def remove_task(self, name: str) -> None:
         """Stop serving a task and remove it from the store.
@@ -210,19 +232,20 @@ class Service:
         await self.registry.delete(name)
 
     async def load_task(self, name: str) -> LoadedTask:
-        """Load a task from the store (again) and serve it; the first one loaded on demand warms up.
+        """A task's resident version, loaded from the store if it is only stored; the first one loaded warms
+        up a server that started without any.
 
         Args:
             name: Task name.
         """
-        task = await self.registry.load(name)
+        task = await self.registry.resident(name, refresh=self.watch_store)
         if not self._warm:
             self._warm = True
             await self.engine.warm_up([task])
         return task
 
     async def unload_task(self, name: str, key: str | None = None) -> None:
-        """Stop serving a task, leaving it in the store.
+        """Make a task stored again (out of memory), leaving it in the store.
 
         Args:
             name: Task name.
@@ -230,22 +253,8 @@ class Service:
         """
         await self.registry.unload(name, key)
 
-    async def _stored_detail(self, name: str) -> TaskDetail:
-        stored = self.registry.stored_names()
-        if name not in stored:
-            raise UnknownTask(f"unknown task {name!r}", tasks=stored)
-        # Validating an adapter reads its weights: remember the answer until its files change.
-        signature = self.registry.signature(name)
-        cached = self._details.get(name)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        try:
-            check_name(name)
-            detail = task_detail(await self.registry.inspect(name))
-        except (InvalidAdapter, UnknownTask) as exc:
-            detail = TaskDetail(name=name, state="skipped", reason=exc.detail)
-        self._details[name] = (signature, detail)
-        return detail
+    def _folded(self, entry: Entry) -> bool:
+        return entry.resident is not None and entry.resident.key in self.engine.cache
 
     def _observe_batch(self, size: int, waits: list[float]) -> None:
         self.metrics.batch_size.observe(size)

@@ -40,6 +40,15 @@ class Settings(BaseSettings):
 
     # Adapters
     store: Path = Field(Path("store"), description="Adapter store: <store>/<task>/adapter_config.json + weights.")
+    # The store is the source, memory a cache (docs/architecture.md, "The life of a task"): a task's
+    # tensors are read on its first request and evicted coldest-first beyond this budget.
+    resident_bytes: int = Field(
+        2**30, ge=0, description="Byte budget of resident adapters (tensors in memory, beyond their config); "
+        "beyond it the least recently used unpinned ones are evicted and reloaded on their next request. "
+        "1 GiB holds ~1,400 ViT-S/16 or ~850 ViT-B/16 adapters.")
+    pinned_tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Tasks loaded at start-up and never evicted (comma-separated "
+        "names; PUT /tasks/NAME?pinned=true pins an uploaded one until restart).")
 
     # Execution
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto picks CUDA when present.")
@@ -73,6 +82,11 @@ class Settings(BaseSettings):
     )
     max_images: int = Field(16, ge=1, description="Most images in one /classify request.")
 
+    # Metrics
+    task_metrics: bool = Field(
+        False, description="Label request and image counters by task (one series per task: off by default, "
+        "as 10,000 tasks would be 10,000 series).")
+
     # Server (used by `python -m app`)
     host: str = Field("0.0.0.0", description="Interface uvicorn binds.")
     port: int = Field(8000, description="Port uvicorn listens on.")
@@ -89,7 +103,8 @@ class Settings(BaseSettings):
     ray_gpus: float = Field(0.0, ge=0, description="GPUs per replica; 0.5 puts two replicas on each GPU.")
     ray_cpus: float = Field(1.0, ge=0, description="CPUs reserved per classifier replica.")
     ray_tasks_per_replica: int = Field(
-        32, ge=1, description="Most tasks a replica keeps loaded (Serve multiplexing, LRU beyond it)."
+        1024, ge=1, description="Tasks a replica advertises to Serve's router as held (multiplexing affinity "
+        "only); what it keeps in memory is bounded by resident_bytes, per replica."
     )
     ray_ingress_replicas: int = Field(1, ge=1, description="Replicas of the thin HTTP ingress (no model).")
 
@@ -109,6 +124,17 @@ class Settings(BaseSettings):
                 return json.loads(value)
             except json.JSONDecodeError as e:
                 raise ValueError(f"not a JSON object: {e}") from None
+        return value
+
+    @field_validator("pinned_tasks", mode="before")
+    @classmethod
+    def _names_from_csv(cls, value: object) -> object:
+        # RLRR_PINNED_TASKS=a,b,c (JSON lists are accepted too)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
         return value
 
     @field_validator("checkpoint", "admin_token", mode="before")

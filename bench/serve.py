@@ -33,7 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -54,11 +57,14 @@ from typing import Any
 import httpx
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/serve.py` from anywhere imports this checkout
 
 from adapters import (  # noqa: E402
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     BackboneSpec,
     BitFitConfig,
     IA3Config,
@@ -77,6 +83,8 @@ TOKEN = "bench-token"
 FORCED = ("segmented", "unmerged", "merged")  # the full run also forces each form on uniform-50 (diagnostic)
 ZIPF_S = 1.1
 DEFAULT_CACHE_BYTES = 2**30  # the server's default RLRR_MERGED_CACHE_BYTES: every target is measured at it
+DEFAULT_RESIDENT_BYTES = 2**30  # the server's default RLRR_RESIDENT_BYTES
+PROTOTYPES = 32  # adapters generated whole; the others perturb one of them (`clone_adapter`)
 
 
 @dataclass
@@ -97,6 +105,9 @@ class Row:
         failures: Requests (and admin calls) that did not succeed, warm-up included.
         admin: What the upload/delete during the run answered.
         ratio: images_per_s over single/auto's.
+        evictions: Resident tasks evicted in the window (server metrics).
+        loads: Stored tasks made resident in the window.
+        probe: `drive`'s probe: latencies (s) of first requests to stored tasks and of resident ones.
         done: Completion times of the window, seconds from its start (for re-analysis).
     """
 
@@ -113,6 +124,9 @@ class Row:
     failures: int = 0
     admin: list[str] = field(default_factory=list)
     ratio: float = math.nan
+    evictions: int = 0
+    loads: int = 0
+    probe: dict[str, list[float]] = field(default_factory=dict)
     done: list[float] = field(default_factory=list)
 
 
@@ -126,7 +140,11 @@ METHOD_CONFIGS = {"rlrr": RLRRConfig(), "ssf": RLRRConfig.preset("ssf"), "lora":
 
 def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int, methods: tuple[str, ...] = ("rlrr",)
                ) -> dict[str, Any]:
-    """Write N non-identity adapters (t00..), a spare one and a replacement for t03 into `root`.
+    """Write N non-identity adapters (t000..), a spare one and a replacement for t003 into `root`.
+
+    The first PROTOTYPES are generated whole (`save_adapter`); the others perturb one of them (a
+    copy of its tensors with a new head bias and one vector redrawn, `clone_adapter`), so 10,000
+    adapters take a minute, not twenty.
 
     Args:
         root: Folder that receives `adapters/<name>/` folders.
@@ -150,6 +168,9 @@ def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int, methods:
     names = [task_name(i) for i in range(n_tasks)] + ["spare", "t003-v2"]
     folders: dict[str, Path] = {}
     for i, name in enumerate(names):
+        if PROTOTYPES <= i < n_tasks:
+            folders[name] = clone_adapter(folders[task_name(i % PROTOTYPES)], root / "adapters" / name, i)
+            continue
         method = methods[(3 if name == "t003-v2" else i) % len(methods)]  # a replacement keeps its task's method
         config, base = METHOD_CONFIGS[method], bases[method]
         gen = torch.Generator().manual_seed(10_000 + i)
@@ -163,6 +184,35 @@ def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int, methods:
                                      labels=[f"{name}-{c}" for c in range(classes)])
     sizes = {n: sum(f.stat().st_size for f in d.iterdir()) for n, d in folders.items()}
     return {"folders": folders, "sizes": sizes, "backbone": backbone, "config": METHOD_CONFIGS[methods[0]]}
+
+
+def clone_adapter(prototype: Path, folder: Path, seed: int) -> Path:
+    """A new adapter from a prototype: its tensors with the head bias and one rescaling vector redrawn.
+
+    Written without `save_adapter`'s fsyncs (a benchmark's scratch store), with a valid checksum.
+
+    Args:
+        prototype: A saved adapter folder.
+        folder: Where the new one goes.
+        seed: Seed of the perturbation.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = _prototype(prototype)
+    tensors = {**tensors, "head.bias": 0.01 * torch.randn(tensors["head.bias"].shape, generator=gen)}
+    # RLRR's row vector where there is one; otherwise (LoRA, BitFit, IA³) the first adapter tensor
+    key = next((k for k in tensors if k.endswith(".rlrr_l")), next(k for k in tensors if not k.startswith("head.")))
+    tensors[key] = tensors[key] + 0.1 * torch.randn(tensors[key].shape, generator=gen)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    doc = json.loads((prototype / CONFIG_NAME).read_text())
+    doc["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(doc))
+    return folder
+
+
+@functools.cache
+def _prototype(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / WEIGHTS_NAME))
 
 
 def task_name(i: int) -> str:
@@ -179,8 +229,8 @@ def fill_store(store: Path, folders: dict[str, Path], names: list[str]) -> Path:
         names: Which adapters to put in.
     """
     store.mkdir(parents=True)
-    for name in names:
-        shutil.copytree(folders[name], store / name)
+    for name in names:  # hard links: 10,000 adapters per server cost no copy (uploads rename new folders in)
+        shutil.copytree(folders[name], store / name, copy_function=os.link)
     return store
 
 
@@ -287,14 +337,13 @@ def drawer(kind: str, n_tasks: int, seed: int) -> Callable[[], str]:
         return lambda: names[0]
     if kind == "uniform":
         return lambda: rng.choice(names)
-    weights = [k ** -ZIPF_S for k in range(1, n_tasks + 1)]
-    cum = [sum(weights[: i + 1]) for i in range(n_tasks)]
+    cum = list(itertools.accumulate(k ** -ZIPF_S for k in range(1, n_tasks + 1)))
     return lambda: rng.choices(names, cum_weights=cum)[0]
 
 
 async def drive(server: Server, draw: Callable[[], str], jpegs: list[bytes], clients: int, warmup_s: float,
                 seconds: float, admin: list[tuple[float, str, str, dict[str, Any] | None]] | None = None,
-                ) -> dict[str, Any]:
+                probe: list[str] | None = None) -> dict[str, Any]:
     """Closed loop: each client sends one image, waits for the answer, sends the next.
 
     Args:
@@ -305,6 +354,8 @@ async def drive(server: Server, draw: Callable[[], str], jpegs: list[bytes], cli
         warmup_s: Untimed seconds first.
         seconds: Timed window.
         admin: (fraction of the window, method, path, files) calls made during the window.
+        probe: Tasks to probe during the window, one request each while still only stored, each
+            followed by a request to t000 (resident): first-request latency vs resident at the same load.
 
     Returns:
         Latencies and counts of the window, failures, admin answers, metric snapshots.
@@ -360,10 +411,46 @@ async def drive(server: Server, draw: Callable[[], str], jpegs: list[bytes], cli
                     state["failures"] += 1
             return answers
 
-        results = await asyncio.gather(snapshot(), admin_calls(), *(client() for _ in range(clients)))
+        async def probe_calls() -> dict[str, list[float]]:
+            await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+            out: dict[str, list[float]] = {"stored": [], "resident": []}
+            hot = task_name(0)  # the head of every law: resident
+            for cold in probe or []:
+                if time.perf_counter() > t1:
+                    break
+                if (await http.get(f"/tasks/{cold}")).json().get("tier") != "stored":
+                    continue  # asked for by the load meanwhile: not a first request
+                for tier, task in (("stored", cold), ("resident", hot)):
+                    start = time.perf_counter()
+                    r = await http.post(f"/classify?task={task}&top_k=1", content=jpegs[0], headers=headers)
+                    if r.status_code != 200:
+                        state["failures"] += 1
+                    out[tier].append(time.perf_counter() - start)
+            return out
+
+        results = await asyncio.gather(snapshot(), admin_calls(), probe_calls(),
+                                       *(client() for _ in range(clients)))
     after = await asyncio.to_thread(server.metrics)
     return {"latencies": latencies, "done": done, "seconds": seconds, "failures": state["failures"],
-            "errors": state["errors"], "admin": results[1], "before": before, "after": after}
+            "errors": state["errors"], "admin": results[1], "probe": results[2], "before": before, "after": after}
+
+
+def list_latency(server: Server, calls: int = 10) -> dict[str, float]:
+    """Client-side time of GET /tasks pages (first page, one in the middle, a name search), best and worst.
+
+    Args:
+        server: The running server.
+        calls: Calls of each kind.
+    """
+    times = []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        cursor = http.get("/tasks", params={"limit": 1000}).json()["next_cursor"]  # a page further in
+        for params in ({"limit": 100}, {"limit": 100, "cursor": cursor}, {"limit": 100, "name": "t12"}):
+            for _ in range(calls):
+                start = time.perf_counter()
+                assert http.get("/tasks", params=params).status_code == 200
+                times.append(time.perf_counter() - start)
+    return {"p50_ms": 1e3 * statistics.median(times), "max_ms": 1e3 * max(times)}
 
 
 def rate(done: list[float], seconds: float, gap_s: float = 0.05) -> float:
@@ -407,7 +494,8 @@ def summarize(scenario: str, strategy: str, run: dict[str, Any]) -> Row:
     return Row(scenario, strategy, images_per_s=rate(run["done"], run["seconds"]), p50_ms=q(0.50), p95_ms=q(0.95),
                p99_ms=q(0.99), mean_batch=delta("rlrr_batch_size_sum") / batches if batches else math.nan,
                mix=mix, folds=int(delta("rlrr_merged_cache_misses_total")), requests=len(lat),
-               failures=run["failures"], admin=run["admin"],
+               failures=run["failures"], admin=run["admin"], evictions=int(delta("rlrr_adapter_evictions_total")),
+               loads=int(delta("rlrr_adapter_load_seconds_count")), probe=run.get("probe") or {},
                done=[round(t - min(run["done"]), 4) for t in sorted(run["done"])])
 
 
@@ -488,6 +576,7 @@ class Bench:
         self.servers: dict[str, float] = {}
         self.costs: dict[str, dict[str, float]] = {}  # what each server's warm-up measured (seconds)
         self.memory: dict[str, float] = {}
+        self.task_list: dict[str, float] = {}
         # Everything the targets use runs at the server's defaults (strategy auto, 1 GiB merged cache).
         self.common = {"RLRR_BACKBONE": args.backbone, "RLRR_SEED": str(args.seed), "RLRR_MAX_BATCH_SIZE":
                        str(args.batch_size), "RLRR_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -495,7 +584,12 @@ class Bench:
         upload = self.folders["t003-v2"]
         files = {"config": ("adapter_config.json", (upload / "adapter_config.json").read_bytes()),
                  "weights": ("adapter_model.safetensors", (upload / "adapter_model.safetensors").read_bytes())}
-        self.admin = [(0.3, "PUT", f"/tasks/{task_name(3)}", files), (0.6, "DELETE", "/tasks/spare", None)]
+        spare = self.folders["spare"]
+        again = {"config": ("adapter_config.json", (spare / "adapter_config.json").read_bytes()),
+                 "weights": ("adapter_model.safetensors", (spare / "adapter_model.safetensors").read_bytes())}
+        # a replacement, a delete, and a re-upload under the deleted name
+        self.admin = [(0.3, "PUT", f"/tasks/{task_name(3)}", files), (0.6, "DELETE", "/tasks/spare", None),
+                      (0.8, "PUT", "/tasks/spare", again)]
 
     @contextlib.contextmanager
     def server(self, label: str, count: int, env: dict[str, str] | None = None,
@@ -522,7 +616,7 @@ class Bench:
             server.stop()
 
     def scenario(self, server: Server, label: str, kind: str, count: int, with_admin: bool = False,
-                 name: str | None = None) -> Row:
+                 name: str | None = None, probe: list[str] | None = None) -> Row:
         """Drive one scenario and keep its row.
 
         Args:
@@ -532,15 +626,17 @@ class Bench:
             count: Tasks drawn from.
             with_admin: PUT and DELETE during the window.
             name: The row's scenario column (default: kind-count).
+            probe: Stored tasks to probe (first-request latency; see `drive`).
         """
         name = name or (kind if kind == "single" else f"{kind}-{count}")
         a = self.args
         run = asyncio.run(drive(server, drawer(kind, count, seed=len(self.rows)), self.jpegs, a.clients, a.warmup,
-                                a.seconds, self.admin if with_admin else None))
+                                a.seconds, self.admin if with_admin else None, probe))
         self.rows.append(summarize(name, label, run))
         r = self.rows[-1]
         print(f"#   {name:<12} {label:<9} {r.images_per_s:6.2f} img/s  batch {r.mean_batch:5.1f}  "
-              f"p50 {r.p50_ms:6.0f} ms  fail {r.failures}  {r.mix} {r.admin or ''} {run['errors']}", flush=True)
+              f"p50 {r.p50_ms:6.0f} ms  fail {r.failures}  loads {r.loads} evictions {r.evictions}  {r.mix} "
+              f"{r.admin or ''} {run['errors']}", flush=True)
         return r
 
     def run_all(self) -> None:
@@ -555,9 +651,13 @@ class Bench:
         if many:
             with self.server(f"default-{many}", many) as server:
                 self.memory["rss_many_tasks_at_start"] = server.rss_bytes()
+                self.task_list = list_latency(server)
+                tail = [task_name(i) for i in range(many - 1, PROTOTYPES, -1)]  # zipf's tail: stored, most of them
                 for kind in ("uniform", "zipf"):
-                    self.scenario(server, "default", kind, many, with_admin=kind == "uniform")
+                    self.scenario(server, "default", kind, many, with_admin=kind == "uniform",
+                                  probe=tail if kind == "zipf" else None)
                 self.memory["rss_many_tasks"] = server.rss_bytes()
+                self.memory["resident_bytes_after"] = server.metrics().get("rlrr_resident_bytes", math.nan)
         # Yesterday's single-task path (a cached fold, one plain forward) with yesterday's 6 GiB cache.
         big_cache = {"RLRR_MERGED_CACHE_BYTES": str(int(a.big_cache_gib * 2**30))}
         with self.server("merged-1", 1, {"RLRR_STRATEGY": "merged", **big_cache}, spare=False) as server:
@@ -589,11 +689,12 @@ class Bench:
             files_many = sum(self.sizes[task_name(i)] for i in range(1, a.many))
             memory.update(added_bytes=memory["rss_many_tasks"] - memory["rss_1_task"],
                           added_adapter_file_bytes=files_many, cache_budget=DEFAULT_CACHE_BYTES,
-                          adapter_file_bytes=self.sizes[task_name(0)],
-                          budget=memory["rss_1_task"] + 1.2 * files_many + DEFAULT_CACHE_BYTES)
+                          resident_budget=DEFAULT_RESIDENT_BYTES, adapter_file_bytes=self.sizes[task_name(0)],
+                          budget=1.1 * (memory["rss_1_task"] + DEFAULT_RESIDENT_BYTES + DEFAULT_CACHE_BYTES))
         report = {"args": {k: str(v) for k, v in vars(a).items()}, "seconds": a.seconds, "warmup": a.warmup,
                   "env": env_info, "server_startup_s": self.servers, "auto_costs_s": self.costs, "memory": memory,
-                  "rows": [asdict(r) for r in rows], "targets": targets(rows, memory, self.servers, a.tasks, a.many),
+                  "task_list": self.task_list, "rows": [asdict(r) for r in rows],
+                  "targets": targets(rows, memory, self.servers, a.tasks, a.many, self.task_list),
                   "wall_s": time.perf_counter() - begin}
         (a.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
         print(table(rows, memory, report["targets"], a.many))
@@ -646,7 +747,8 @@ def _find(rows: list[Row], scenario: str, strategy: str) -> Row:
     return next(r for r in rows if r.scenario == scenario and r.strategy == strategy)
 
 
-def targets(rows: list[Row], memory: dict[str, float], servers: dict[str, float], n: int, many: int) -> dict[str, Any]:
+def targets(rows: list[Row], memory: dict[str, float], servers: dict[str, float], n: int, many: int,
+            task_list: dict[str, float] | None = None) -> dict[str, Any]:
     """Each target of the issue with its measured value and whether it holds.
 
     Args:
@@ -655,6 +757,7 @@ def targets(rows: list[Row], memory: dict[str, float], servers: dict[str, float]
         servers: Start-up seconds per server label.
         n: Tasks of the first scenarios.
         many: Tasks of the second server (0: not run).
+        task_list: `list_latency` of the second server.
     """
     single = baseline(rows)
     goals = {f"uniform-{n}": 0.88, f"zipf-{n}": 0.95}
@@ -667,12 +770,28 @@ def targets(rows: list[Row], memory: dict[str, float], servers: dict[str, float]
     out["single(HTTP)/ceiling"] = _ratio(single, _find(rows, "ceiling", "in-process").images_per_s)
     holds = {k: (v >= float(k.split()[-1])) for k, v in out.items() if ">=" in k}
     if many:
-        key = f"start-up with {many} tasks (s) <= 60"
+        limit = 15 if many >= 10_000 else 60  # issue 19's bound at 10,000 tasks; the earlier one at 1,000
+        key = f"start-up with {many} tasks (s) <= {limit}"
         out[key] = servers[f"default-{many}"]
-        holds[key] = out[key] <= 60
-        key = f"RSS({many}) / (RSS(1) + 1.2 x files + cache budget) <= 1"
+        holds[key] = out[key] <= limit
+        # what the tasks add to a start-up (backbone build and warm-up are the same for 1 task)
+        out[f"start-up with {many} tasks - start-up with 1 task (s)"] = servers[f"default-{many}"] - servers["one"]
+        key = f"RSS({many}) / (1.1 x (RSS(1) + resident budget + cache budget)) <= 1"
         out[key] = memory["rss_many_tasks"] / memory["budget"]
         holds[key] = out[key] <= 1
+        probe = _find(rows, f"zipf-{many}", "default").probe
+        if probe.get("stored") and probe.get("resident"):
+            p99 = {k: 1e3 * sorted(v)[min(len(v) - 1, int(0.99 * len(v)))] for k, v in probe.items()}
+            key = f"p99 first request to a stored task / p99 resident task (n={len(probe['stored'])}) <= 2"
+            out[key] = p99["stored"] / p99["resident"]
+            holds[key] = out[key] <= 2
+            out["p99 first request to a stored task (ms)"] = p99["stored"]
+            out["p99 resident task, same load (ms)"] = p99["resident"]
+        out[f"evictions during uniform-{many} + zipf-{many}"] = sum(
+            _find(rows, f"{k}-{many}", "default").evictions for k in ("uniform", "zipf"))
+        if task_list:
+            out[f"GET /tasks with {many} tasks, slowest of 30 (ms) <= 100"] = task_list["max_ms"]
+            holds[f"GET /tasks with {many} tasks, slowest of 30 (ms) <= 100"] = task_list["max_ms"] <= 100
     puts = [float(a.split(" in ")[1].split()[0]) for r in rows for a in r.admin if a.startswith("PUT") and " in " in a]
     if puts:
         out["slowest PUT during traffic (s) <= 1"] = max(puts)
@@ -695,18 +814,22 @@ def table(rows: list[Row], memory: dict[str, float], goals: dict[str, Any], many
         many: Tasks of the second server.
     """
     lines = ["| scenario | server | images/s | × single | p50 ms | p95 ms | p99 ms | mean batch | batch forms "
-             "| cache misses | failed |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| cache misses | loads | evictions | failed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         mix = ", ".join(f"{k} {v:.0%}" for k, v in r.mix.items()) or "-"
         lines.append(f"| {r.scenario} | {r.strategy} | {r.images_per_s:.2f} | {r.ratio:.2f} | {r.p50_ms:.0f} | "
-                     f"{r.p95_ms:.0f} | {r.p99_ms:.0f} | {r.mean_batch:.1f} | {mix} | {r.folds} | {r.failures} |")
+                     f"{r.p95_ms:.0f} | {r.p99_ms:.0f} | {r.mean_batch:.1f} | {mix} | {r.folds} | {r.loads} | "
+                     f"{r.evictions} | {r.failures} |")
     mib = lambda b: b / 2**20  # noqa: E731
     if "rss_many_tasks" in memory:
-        lines += ["", f"Resident memory (default 1 GiB cache, after traffic): 1 task {mib(memory['rss_1_task']):.0f} "
-                  f"MiB; {many} tasks {mib(memory['rss_many_tasks_at_start']):.0f} MiB at start, "
-                  f"{mib(memory['rss_many_tasks']):.0f} MiB after traffic; budget 1 task + 1.2 x "
-                  f"{mib(memory['added_adapter_file_bytes']):.0f} MiB of adapter files + 1024 MiB cache = "
-                  f"{mib(memory['budget']):.0f} MiB"]
+        lines += ["", f"Resident memory (default 1 GiB merged cache and 1 GiB resident budget, after traffic): 1 task "
+                  f"{mib(memory['rss_1_task']):.0f} MiB; {many} tasks "
+                  f"({mib(memory['added_adapter_file_bytes']):.0f} MiB of adapter files) "
+                  f"{mib(memory['rss_many_tasks_at_start']):.0f} MiB at start, "
+                  f"{mib(memory['rss_many_tasks']):.0f} MiB after traffic, of which "
+                  f"{mib(memory.get('resident_bytes_after', math.nan)):.0f} MiB resident adapters; budget 1.1 x "
+                  f"(1 task + 1024 MiB + 1024 MiB) = {mib(memory['budget']):.0f} MiB"]
     lines += ["", "| target | measured | holds |", "|---|---:|---|"]
     for key, value in goals["values"].items():
         held = goals["holds"].get(key)

@@ -1,8 +1,10 @@
-// The page at /: reads GET /tasks, classifies images with POST /classify (one request per image).
+// The page at /: pages through GET /tasks (search by name), classifies images with POST /classify
+// (one request per image).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { task: null, tasks: [] };
+const PAGE = 24; // cards per page: a store may hold 10,000 tasks
+const state = { task: null, tasks: [], query: "", cursors: [null], next: null, total: 0, backbone: false };
 
 // An element with attributes and children (strings become text: never innerHTML).
 function el(tag, attrs = {}, ...children) {
@@ -102,8 +104,15 @@ function taskCard(t) {
       more > 0 ? el("span", { class: "chip more" }, `+${more} more`) : null),
     el("span", { class: "meta" },
       `${t.num_classes} classes · ${fmt.int(t.parameters)} parameters · ${fmt.bytes(t.bytes)}`,
-      el("br"), `loaded ${fmt.when(t.loaded_at)}`));
+      el("br"), TIERS[t.tier] || t.tier, t.pinned ? " · pinned" : "",
+      t.loaded_at ? ` · loaded ${fmt.when(t.loaded_at)}` : ""));
 }
+
+const TIERS = {
+  stored: "in the store (read on its first request)",
+  resident: "in memory",
+  folded: "in memory, folded",
+};
 
 function chooseTask(name) {
   state.task = name;
@@ -112,10 +121,15 @@ function chooseTask(name) {
   if (name) history.replaceState(null, "", `#${encodeURIComponent(name)}`);
 }
 
+// One page of tasks: the current search, after the cursor at the top of the stack.
 async function loadTasks() {
+  const params = new URLSearchParams({ limit: PAGE });
+  const cursor = state.cursors[state.cursors.length - 1];
+  if (cursor) params.set("cursor", cursor);
+  if (state.query) params.set("name", state.query);
   let body;
   try {
-    const response = await fetch("/tasks");
+    const response = await fetch(`/tasks?${params}`);
     if (!response.ok) throw new Error(await serverMessage(response));
     body = await response.json();
   } catch (err) {
@@ -123,14 +137,54 @@ async function loadTasks() {
     $("tasks-error").hidden = false;
     return;
   }
-  showBackbone(body.backbone);
+  $("tasks-error").hidden = true;
+  if (!state.backbone) { showBackbone(body.backbone); state.backbone = true; }
   state.tasks = body.tasks;
-  const loaded = body.tasks.filter((t) => t.state === "loaded");
-  $("task-count").textContent = `(${loaded.length} served${body.tasks.length > loaded.length ? `, ${body.tasks.length - loaded.length} refused` : ""})`;
-  $("tasks").append(...body.tasks.map(taskCard));
+  state.next = body.next_cursor;
+  state.total = body.total;
+  showPage();
+}
+
+function showPage() {
+  const first = (state.cursors.length - 1) * PAGE;
+  const noun = state.query ? `matching “${state.query}”` : "in the store";
+  $("task-count").textContent = `(${fmt.int(state.total)} ${noun})`;
+  $("page-info").textContent = state.total
+    ? `${fmt.int(first + 1)}–${fmt.int(first + state.tasks.length)} of ${fmt.int(state.total)}` : "no task";
+  $("prev-page").disabled = state.cursors.length < 2;
+  $("next-page").disabled = !state.next;
+  const legend = $("tasks").querySelector("legend");
+  $("tasks").replaceChildren(legend, ...state.tasks.map(taskCard));
+  chooseTask(state.task);  // checks its card if it is on this page
+}
+
+async function start() {
+  await loadTasks();
   const wanted = fragmentTask();
-  chooseTask(loaded.some((t) => t.name === wanted) ? wanted : loaded[0]?.name ?? null);
+  let chosen = state.tasks.find((t) => t.state === "loaded")?.name ?? null;
+  if (wanted && wanted !== chosen) {  // a task on another page (or past the first 24)
+    const response = await fetch(`/tasks/${encodeURIComponent(wanted)}`);
+    if (response.ok && (await response.json()).state === "loaded") chosen = wanted;
+  }
+  chooseTask(chosen);
   document.body.dataset.ready = "true";
+}
+
+function turnPage(forward) {
+  if (forward && state.next) state.cursors.push(state.next);
+  else if (!forward && state.cursors.length > 1) state.cursors.pop();
+  else return;
+  loadTasks();
+}
+
+let searchTimer = null;
+function search(query) {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {  // one request per pause in typing, not per key
+    state.query = query.trim();
+    state.cursors = [null];
+    loadTasks();
+  }, 200);
 }
 
 function fragmentTask() {
@@ -201,6 +255,9 @@ function classifyAll(files) {
 
 function wire() {
   $("tasks").addEventListener("change", (e) => { if (e.target.name === "task") chooseTask(e.target.value); });
+  $("task-search").addEventListener("input", (e) => search(e.target.value));
+  $("prev-page").addEventListener("click", () => turnPage(false));
+  $("next-page").addEventListener("click", () => turnPage(true));
   $("files").addEventListener("change", (e) => { classifyAll(e.target.files); e.target.value = ""; });
   $("clear").addEventListener("click", () => $("results").replaceChildren());
   const drop = $("drop");
@@ -216,4 +273,4 @@ function wire() {
 }
 
 wire();
-loadTasks();
+start();

@@ -15,6 +15,7 @@ from app.engine import BatchItem, Engine
 from app.main import create_app
 from app.metrics import Metrics
 from app.planner import Costs, Planner
+from app.tasks import LoadedTask
 
 AUTH = {"authorization": "Bearer s3cret"}
 # Probabilities of one image computed two ways in float32 (grouped merged calls, the unmerged
@@ -24,11 +25,16 @@ AUTH = {"authorization": "Bearer s3cret"}
 TOL = 1e-5
 
 
+def _resident(registry, name: str) -> LoadedTask:  # noqa: ANN001
+    """A task's resident version (tasks are only stored until their first request)."""
+    return asyncio.run(registry.resident(name))
+
+
 def _items(app, names: list[str], png, top_k: int = 10) -> list[BatchItem]:  # noqa: ANN001
     registry = app.state.service.registry
     out = []
     for i, name in enumerate(names):
-        task = registry.get(name)
+        task = _resident(registry, name)
         out.append(BatchItem(task, task.transform(Image.open(io.BytesIO(png(i))).convert("RGB")), top_k))
     return out
 
@@ -74,7 +80,7 @@ def test_hybrid_batch_equals_each_task_merged(make_settings, refs, png) -> None:
         engine = app.state.service.engine
         names = ["alpha", "beta", "gamma", "alpha", "alpha", "beta", "gamma"]
         items = _items(app, names, png)
-        tasks = {name: app.state.service.registry.get(name) for name in ("alpha", "beta", "gamma")}
+        tasks = {name: _resident(app.state.service.registry, name) for name in ("alpha", "beta", "gamma")}
         keys = {name: task.key for name, task in tasks.items()}
         for name in ("alpha", "gamma"):
             engine.cache.put(keys[name], engine._fold(tasks[name]))
@@ -140,7 +146,7 @@ def test_warm_up_measures_the_costs(client) -> None:
 def test_merged_cache_is_bounded_by_bytes(make_settings, png) -> None:
     probe = create_app(make_settings())
     with TestClient(probe):
-        folded = probe.state.service.engine._fold(probe.state.service.registry.get("alpha"))
+        folded = probe.state.service.engine._fold(_resident(probe.state.service.registry, "alpha"))
         one = sum(t.numel() * t.element_size() for t in folded.values())  # every task: the same size
     app = create_app(make_settings(strategy="merged", merged_cache_bytes=int(one * 1.5), warmup=False))
     with TestClient(app):
@@ -168,7 +174,7 @@ def test_zero_cache_folds_on_the_fly(make_settings, refs, png) -> None:
 def test_replaced_and_deleted_tasks_are_freed(client, make_upload) -> None:
     app = client.app
     engine, registry = app.state.service.engine, app.state.service.registry
-    old_alpha, old_beta = registry.get("alpha").key, registry.get("beta").key
+    old_alpha, old_beta = _resident(registry, "alpha").key, _resident(registry, "beta").key
     directory = make_upload()
     files = {name: (name, (directory / f).read_bytes()) for name, f in
              [("config", "adapter_config.json"), ("weights", "adapter_model.safetensors")]}
@@ -176,7 +182,7 @@ def test_replaced_and_deleted_tasks_are_freed(client, make_upload) -> None:
     assert client.delete("/tasks/beta", headers=AUTH).status_code == 204
     assert old_alpha not in engine.multi.task_names and old_alpha not in engine.cache
     assert old_beta not in engine.multi.task_names and old_beta not in engine.cache
-    assert registry.get("alpha").key in engine.multi.task_names
+    assert _resident(registry, "alpha").key in engine.multi.task_names
     assert sorted(engine.multi.task_names) == sorted(t.key for t in registry.tasks.values())
 
 
@@ -232,7 +238,7 @@ def test_loading_and_serving_fold_nothing(make_settings, refs, png, monkeypatch)
     monkeypatch.setattr(app.engine, "fold_adapter", no_fold)
     application = create_app(make_settings(warmup=False))
     with TestClient(application):
-        assert sorted(application.state.service.registry.tasks) == ["alpha", "beta", "gamma"]
+        assert sorted(application.state.service.registry.names()) == ["alpha", "beta", "gamma"]
         got = _dist(_run(application.state.service.engine, _items(application, ["beta"], png))[0])
     expected = refs["beta"].probs(png(0))
     assert [got[c] for c in range(len(expected))] == pytest.approx(expected.tolist(), abs=TOL)
@@ -273,7 +279,7 @@ def test_only_tasks_that_fill_a_batch_are_folded_into_the_cache(make_settings, p
         assert len(engine.cache) == 0
         for _ in range(3):
             _run(engine, _items(app, ["alpha", "alpha", "beta"], png))
-        assert app.state.service.registry.get("alpha").key in engine.cache
-        assert app.state.service.registry.get("beta").key not in engine.cache
+        assert _resident(app.state.service.registry, "alpha").key in engine.cache
+        assert _resident(app.state.service.registry, "beta").key not in engine.cache
         text = app.state.service.metrics.render().decode()
     assert 'rlrr_batches_total{strategy="segmented"} 7.0' in text

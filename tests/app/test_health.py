@@ -30,10 +30,11 @@ def test_not_ready_before_startup(make_settings) -> None:
     assert response.status_code == 503
 
 
-def test_metrics_cover_requests_batches_cache_and_queue(client, png) -> None:
-    client.post("/classify?task=alpha", content=png(0), headers=PNG)
-    client.post("/classify?task=nope", content=png(0), headers=PNG)
-    text = client.get("/metrics").text
+def test_metrics_cover_requests_batches_cache_and_queue(make_settings, png) -> None:
+    with TestClient(create_app(make_settings(task_metrics=True))) as client:  # per-task series: opt-in
+        client.post("/classify?task=alpha", content=png(0), headers=PNG)
+        client.post("/classify?task=nope", content=png(0), headers=PNG)
+        text = client.get("/metrics").text
     for needle in [
         'rlrr_requests_total{route="/classify",status="200",task="alpha"} 1.0',
         'rlrr_requests_total{route="/classify",status="404",task=""} 1.0',

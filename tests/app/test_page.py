@@ -4,6 +4,7 @@ against a real server with the demo store. Screenshots go to .cache/page.png and
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,13 +38,16 @@ def test_page_and_its_files_are_served_from_the_package(client: TestClient) -> N
         assert not re.search(r"(src|href)=\"(https?:)?//|url\(\s*['\"]?(https?:)?//|import\s", path.read_text())
 
 
-def test_tasks_carry_what_the_cards_show(client: TestClient, checkpoint: Path) -> None:
+def test_tasks_carry_what_the_cards_show(client: TestClient, checkpoint: Path, png) -> None:
     body = client.get("/tasks").json()
     assert body["backbone"]["source"] == "local file" and body["backbone"]["weights"] == str(checkpoint)
     gamma = next(t for t in body["tasks"] if t["name"] == "gamma")
     assert gamma["labels"] == [f"gamma-class-{i}" for i in range(7)]
     assert gamma["metrics"] == {"top1": 0.7} and gamma["parameters"] > 0 and gamma["bytes"] > 0
-    assert gamma["version"] and gamma["loaded_at"] > 0
+    assert gamma["version"] and gamma["tier"] == "stored" and gamma["loaded_at"] is None
+    client.post("/classify?task=gamma", content=png(0), headers={"content-type": "image/png"})
+    gamma = next(t for t in client.get("/tasks").json()["tasks"] if t["name"] == "gamma")
+    assert gamma["tier"] == "resident" and gamma["loaded_at"] > 0
 
 
 @pytest.mark.parametrize(("values", "expected"), [
@@ -138,6 +142,49 @@ def test_page_fits_a_phone_and_works_from_the_keyboard(browser: Browser, demo_se
     expect(page.locator(".result .prediction")).to_have_count(2)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     _screenshot(page, "page-390.png")
+
+
+@pytest.fixture(scope="module")
+def many_server(tmp_path_factory: pytest.TempPathFactory, start_server) -> Iterator[str]:  # noqa: ANN001
+    """The demo configuration over a store of 60 tasks (copies of the demo's ants-bees adapter)."""
+    root = tmp_path_factory.mktemp("many-server")
+    for i in range(60):
+        shutil.copytree(REPO / "demo" / "store" / "ants-bees", root / "store" / f"task-{i:03d}")
+    env = {"RLRR_STORE": str(root / "store"), "RLRR_DEVICE": "cpu", "RLRR_ADMIN_TOKEN": "",
+           "RLRR_PREPROCESS_WORKERS": "2"}
+    with start_server(env, root / "server.log") as url:
+        yield url
+
+
+def test_page_pages_and_searches_a_large_store(browser: Browser, many_server: str, ant_photo: bytes) -> None:
+    page = _open(browser, many_server, 1200)
+    cards = page.locator(".card")
+    expect(cards).to_have_count(24)  # one page, not the whole store
+    expect(page.locator("#task-count")).to_contain_text("60")
+    expect(page.locator("#page-info")).to_have_text("1–24 of 60")
+    expect(page.locator("#prev-page")).to_be_disabled()
+    page.click("#next-page")
+    expect(page.locator("#page-info")).to_have_text("25–48 of 60")
+    expect(cards.first).to_have_attribute("data-task", "task-024")
+    page.click("#next-page")
+    expect(page.locator("#page-info")).to_have_text("49–60 of 60")
+    expect(cards).to_have_count(12)
+    expect(page.locator("#next-page")).to_be_disabled()
+    page.click("#prev-page")
+    expect(cards.first).to_have_attribute("data-task", "task-024")
+    page.fill("#task-search", "task-05")
+    expect(page.locator("#page-info")).to_have_text("1–10 of 10")
+    expect(cards.first).to_have_attribute("data-task", "task-050")
+    card = page.locator('.card[data-task="task-057"]')
+    expect(card).to_contain_text("in the store")  # never asked for yet: only its config was read
+    card.click()
+    expect(page.locator("#chosen")).to_have_text("task-057")
+    page.set_input_files("#files", files=[{"name": "ant.jpg", "mimeType": "image/jpeg", "buffer": ant_photo}])
+    expect(page.locator(".result .prediction")).to_have_count(2)  # loaded on its first request
+    assert httpx.get(f"{many_server}/tasks/task-057").json()["tier"] in ("resident", "folded")
+    page.fill("#task-search", "nothing-like-this")
+    expect(page.locator("#page-info")).to_have_text("no task")
+    expect(cards).to_have_count(0)
 
 
 def _drop(page: Page, image: bytes) -> None:

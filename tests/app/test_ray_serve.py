@@ -113,8 +113,8 @@ def test_tasks_health_metrics_and_errors_match(http: httpx.Client, single: TestC
     bad = http.post("/classify?task=alpha", content=b"not an image", headers={"content-type": "image/png"})
     assert bad.status_code == 415
     text = http.get("/metrics").text
-    assert 'rlrr_requests_total{route="/classify",status="200",task="alpha"}' in text
-    assert "rlrr_replica_requests_total" in text
+    assert 'rlrr_requests_total{route="/classify",status="200"}' in text  # per-task labels are opt-in
+    assert "rlrr_replica_requests_total{replica=" in text and 'task="' not in text
 
 
 def test_v2_through_the_same_front(http: httpx.Client, single: TestClient, png: Callable[..., bytes]) -> None:
@@ -157,9 +157,9 @@ def test_a_tasks_requests_stay_on_one_replica(http: httpx.Client, png: Callable[
 @pytest.fixture(scope="module")
 def small(ray_url: str, ray_settings: Settings, built_store: tuple[Path, dict],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path]]:
-    """A second application: 1 replica that holds 1 task at a time, on a store the test may change."""
+    """A second application: 1 replica with room for 1 task (a byte budget of 1), on a store the test may change."""
     store = Path(shutil.copytree(built_store[0], tmp_path_factory.mktemp("ray") / "store"))
-    args = {**dict(ray_settings), "store": store, "ray_replicas": 1, "ray_tasks_per_replica": 1}
+    args = {**dict(ray_settings), "store": store, "ray_replicas": 1, "resident_bytes": 1}
     serve.run(ray_serve.build_app(args), name="small", route_prefix="/small")
     with httpx.Client(base_url=f"{ray_url}/small", timeout=60) as c:
         yield c, store

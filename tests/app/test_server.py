@@ -15,7 +15,8 @@ PNG = {"content-type": "image/png"}
 @pytest.fixture
 def server(store: Path, checkpoint: Path, tmp_path: Path, start_server) -> Iterator[tuple[str, Path]]:
     env = {"RLRR_BACKBONE": "test_vit", "RLRR_CHECKPOINT": str(checkpoint), "RLRR_STORE": str(store),
-           "RLRR_DEVICE": "cpu", "RLRR_ADMIN_TOKEN": "s3cret", "RLRR_MAX_WAIT_MS": "20"}
+           "RLRR_DEVICE": "cpu", "RLRR_ADMIN_TOKEN": "s3cret", "RLRR_MAX_WAIT_MS": "20",
+           "RLRR_TASK_METRICS": "true", "RLRR_PINNED_TASKS": "beta,gamma"}
     log = tmp_path / "server.log"
     with start_server(env, log) as url:
         yield url, log
@@ -46,5 +47,6 @@ def test_real_server_end_to_end(server, refs, png, scores) -> None:
         assert [got[label] for label in refs[task].labels] == pytest.approx(expected.tolist(), abs=1e-5)
 
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'rlrr_requests_total{route="/classify",status="200",task="alpha"}' in metrics
+    assert 'rlrr_requests_total{route="/classify",status="200",task="alpha"}' in metrics  # RLRR_TASK_METRICS
+    assert "rlrr_tasks_pinned 2.0" in metrics  # RLRR_PINNED_TASKS, comma-separated
     assert "ready" in log.read_text()

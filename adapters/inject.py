@@ -1,24 +1,28 @@
-"""Find the RLRR targets in a timm VisionTransformer, wrap them, freeze the rest."""
+"""Find an adapter's targets in a timm VisionTransformer; the helpers every method's wrapping uses.
+
+`plan_targets` is RLRR's target rule, `match_modules` PEFT's (LoRA, IA³); `adapters.wrap` puts a
+method's wrappers in (`add_adapter`).
+"""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import MODEL_LEVEL_SSF, RLRRConfig
-from .errors import AdapterModelError
-from .layers import RLRRLinear, SSFLayer
-from .names import HEAD_NAMES, RLRR_C, RLRR_L, RLRR_S, SSF_SCALE, SSF_SHIFT, is_adapter_key, tensor_name
+from .errors import AdapterConfigError, AdapterModelError
+from .layers import AdapterWrapper
+from .names import HEAD_NAMES, is_adapter_key
 
 __all__ = [
-    "Target", "plan_targets", "add_rlrr", "adapter_state_dict", "adapter_shapes", "unwrap",
-    "base_module", "backbone_fingerprint", "wrapped_config",
+    "Target", "plan_targets", "adapter_state_dict", "unwrap", "feature_dim",
+    "base_module", "backbone_fingerprint", "wrapped_config", "match_modules", "out_channels", "set_module",
+    "patch_conv_path",
 ]
-
-_WRAPPERS = (RLRRLinear, SSFLayer)
 _SSF_BASES = (nn.LayerNorm, nn.Linear, nn.Conv2d)
 
 
@@ -40,11 +44,13 @@ class Target:
 
 
 def base_module(module: nn.Module) -> nn.Module:
-    """The frozen module inside a wrapper (any module with a `base_layer`), or the module itself."""
-    return getattr(module, "base_layer", module)
+    """The frozen module inside a wrapper (any module with a `base_layer`, nested too), or the module itself."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
         raise AdapterModelError(
             f"RLRR supports timm VisionTransformer models, got {type(model).__name__}; "
@@ -72,13 +78,15 @@ def _resolve_model_ssf(model: nn.Module, name: str) -> tuple[str, int]:
 
 
 def plan_targets(model: nn.Module, config: RLRRConfig) -> list[Target]:
-    """Every module the config touches in this model, in a fixed order.
+    """Every module an RLRR-family config touches in this model, in a fixed order.
 
     Args:
         model: A timm VisionTransformer, plain or already wrapped.
-        config: The adapter configuration.
+        config: The adapter configuration; another method's config touches no RLRR target ([]).
     """
-    _check_supported(model)
+    check_supported(model)
+    if not isinstance(config, RLRRConfig):
+        return []
     targets: list[Target] = []
     if "patch_embed" in config.ssf_targets:
         path, dim = _resolve_model_ssf(model, "patch_embed")
@@ -102,6 +110,45 @@ def plan_targets(model: nn.Module, config: RLRRConfig) -> list[Target]:
     return targets
 
 
+def patch_conv_path(model: nn.Module) -> str | None:
+    """Path of the patch-embedding Conv2d (a linear over patches), or None when there is none."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    return "patch_embed.proj" if isinstance(base_module(proj) if proj is not None else None, nn.Conv2d) else None
+
+
+def match_modules(model: nn.Module, names: tuple[str, ...], what: str = "target_modules") -> list[str]:
+    """The linears PEFT's rule picks: a module whose path is a name or ends with '.' + name.
+
+    Only the block linears and the patch-embedding conv can be adapted (they are what the fold and
+    the mixed batch handle); a name matching nothing, or matching another module, is refused.
+
+    Args:
+        model: A timm ViT, plain or wrapped.
+        names: Module names or path suffixes, e.g. ('qkv', 'proj') or ('attn.qkv',).
+        what: The config field, for messages.
+
+    Raises:
+        AdapterConfigError: A name matches nothing, or matches a module that is not adaptable.
+    """
+    check_supported(model)
+    allowed = {f"blocks.{i}.{n}" for i, block in enumerate(model.blocks) for n, m in block.named_modules()
+               if isinstance(base_module(m), nn.Linear) and "base_layer" not in n}
+    allowed |= {patch_conv_path(model)} - {None}
+    paths = list(dict.fromkeys(p.replace(".base_layer", "") for p, _ in model.named_modules() if p))
+    found: list[str] = []
+    for name in names:
+        hits = [p for p in paths if p == name or p.endswith("." + name)]
+        if not hits:
+            raise AdapterConfigError(f"{what}: {name!r} matches no module of this backbone")
+        bad = [p for p in hits if p not in allowed]
+        if bad:
+            raise AdapterConfigError(f"{what}: {name!r} matches {bad[:3]}, which is not a block linear or the "
+                                     "patch-embedding conv (the modules an adapter here can change)")
+        found += [p for p in hits if p not in found]
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(found, key=order.__getitem__)
+
+
 def _get(root: nn.Module, path: str, where: str) -> nn.Module:
     try:
         return root.get_submodule(path)
@@ -109,82 +156,23 @@ def _get(root: nn.Module, path: str, where: str) -> nn.Module:
         raise AdapterModelError(f"{where} has no module '{path}' (not a standard timm ViT block?)") from None
 
 
-def _feature_dim(model: nn.Module) -> int:
+def feature_dim(model: nn.Module) -> int:
     return model.num_features if hasattr(model, "num_features") else model.embed_dim
 
 
-def _out_channels(module: nn.Module) -> int:
+def out_channels(module: nn.Module) -> int:
+    """Channels a norm, linear or conv outputs."""
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
     return module.weight.shape[0]
 
 
-def adapter_shapes(model: nn.Module, config: RLRRConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor an adapter for this model and config holds (head included).
-
-    Args:
-        model: The backbone (plain or wrapped).
-        config: The adapter configuration.
-        num_classes: Classes of the task head.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for t in plan_targets(model, config):
-        m = base_module(model.get_submodule(t.path))
-        if t.kind == "ssf":
-            d = _out_channels(m)
-            shapes[tensor_name(t.path, SSF_SCALE)] = shapes[tensor_name(t.path, SSF_SHIFT)] = (d,)
-            continue
-        if config.left:
-            shapes[tensor_name(t.path, RLRR_L)] = (m.out_features,)
-        if config.right:
-            shapes[tensor_name(t.path, RLRR_C)] = (t.groups, m.in_features)
-        if config.bias_shift and m.bias is not None:
-            shapes[tensor_name(t.path, RLRR_S)] = (m.out_features,)
-    head_weight, head_bias = HEAD_NAMES
-    shapes[head_weight] = (num_classes, _feature_dim(model))
-    shapes[head_bias] = (num_classes,)
-    return shapes
-
-
-def add_rlrr(model: nn.Module, config: RLRRConfig | None = None, num_classes: int = 1000) -> nn.Module:
-    """Turn a timm ViT into an RLRR model, in place: frozen backbone, adapter tensors, new head.
-
-    Args:
-        model: A plain timm VisionTransformer.
-        config: What to adapt; the paper's default when None.
-        num_classes: Classes of the new zero-initialised task head.
-
-    Returns:
-        The same model object, wrapped; `model.rlrr_config` holds the config.
-    """
-    config = config or RLRRConfig()
-    if hasattr(model, "rlrr_config"):
-        raise AdapterModelError("model already has an RLRR adapter; start from a plain timm model")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    targets = plan_targets(model, config)
-    model.requires_grad_(False)
-    model.reset_classifier(num_classes)
-    nn.init.zeros_(model.head.weight)  # reference init: head = 0
-    nn.init.zeros_(model.head.bias)
-    for t in targets:
-        base = model.get_submodule(t.path)
-        if t.kind == "rescale":
-            wrapper = RLRRLinear(base, config, groups=t.groups)
-        else:
-            wrapper = SSFLayer(base, _out_channels(base), config.init, channel_dim=t.channel_dim)
-        ref = base.weight
-        _set(model, t.path, wrapper.to(device=ref.device, dtype=ref.dtype))
-    model.rlrr_config = config
-    return model
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def wrapped_config(model: nn.Module) -> RLRRConfig:
+def wrapped_config(model: nn.Module) -> Any:
     """The config `add_rlrr` gave a model.
 
     Raises:
@@ -192,15 +180,15 @@ def wrapped_config(model: nn.Module) -> RLRRConfig:
     """
     config = getattr(model, "rlrr_config", None)
     if config is None:
-        raise AdapterModelError("model has no RLRR adapter (add_rlrr was not called on it)")
+        raise AdapterModelError("model has no adapter (add_adapter / add_rlrr was not called on it)")
     return config
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Replace every wrapper by its base layer, in place; returns the plain model."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, _WRAPPERS):
-            _set(model, path, module.base_layer)
+        if isinstance(module, AdapterWrapper):
+            set_module(model, path, module.base_layer)
     if hasattr(model, "rlrr_config"):
         del model.rlrr_config
     return model

@@ -40,11 +40,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .backbones import BackboneSpec
-from .config import RLRRConfig
 from .errors import AdapterError, AdapterModelError, AdapterShapeError, AdapterValueError
-from .inject import adapter_shapes, adapter_state_dict, backbone_fingerprint, wrapped_config
+from .inject import adapter_state_dict, backbone_fingerprint, wrapped_config
+from .methods import METHODS, config_from_dict, method_of
 from .names import HEAD_NAMES
 from .packed import PackedTensors
+from .wrap import adapter_shapes
 
 __all__ = ["Adapter", "AdapterError", "AdapterConfigFile", "DataConfigFile", "save_adapter", "load_adapter",
            "install_adapter", "remove_adapter", "stale_uploads", "remove_stale_uploads", "same_model",
@@ -54,8 +55,11 @@ FORMAT_VERSION = 1
 METHOD = "rlrr"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_REQUIRED = ("format_version", "method", "rlrr_config", "base_model", "backbone_fingerprint",
-             "num_classes", "labels", "weights_sha256")
+_REQUIRED = ("format_version", "method", "base_model", "backbone_fingerprint", "num_classes", "labels",
+             "weights_sha256")
+# Where a method's config lives in adapter_config.json: RLRR's as before other methods existed.
+_CONFIG_KEY = {METHOD: "rlrr_config"}
+METHOD_CONFIG = "method_config"
 # Hidden names beside the adapter folders: a write in progress (save / upload), an old adapter moved
 # aside by a replace, a removed one on its way out. What a crash leaves of them is stale.
 _SAVING, _UPLOAD, _OLD, _DELETED = "tmp", "upload", "old", "deleted"
@@ -98,7 +102,8 @@ class AdapterConfigFile(BaseModel):
 
     format_version: StrictInt
     method: StrictStr
-    rlrr_config: dict[str, Any]
+    rlrr_config: dict[str, Any] | None = Field(None, description="method 'rlrr': its RLRRConfig.")
+    method_config: dict[str, Any] | None = Field(None, description="any other method: its config.")
     base_model: StrictStr = Field(min_length=1, max_length=256, description="timm name of the backbone.")
     backbone_fingerprint: StrictStr = Field(pattern=_HEX64, description="sha256 of the frozen weights.")
     num_classes: StrictInt = Field(ge=1, le=1_000_000)
@@ -179,7 +184,7 @@ def explain(error: ValidationError, limit: int = 5) -> str:
 class Adapter:
     """A loaded adapter: its tensors and everything needed to serve them."""
 
-    config: RLRRConfig
+    config: Any  # its method's config: RLRRConfig, LoRAConfig, BitFitConfig, IA3Config
     tensors: Mapping[str, torch.Tensor]  # a `PackedTensors` when loaded: one buffer, views by name
     num_classes: int
     labels: list[str]
@@ -196,6 +201,10 @@ class Adapter:
     def version(self) -> str:
         """Short content hash of the tensors file: changes whenever the adapter is retrained."""
         return self.weights_sha256[:12]
+
+    @property
+    def method(self) -> str:
+        return method_of(self.config).name
 
     @property
     def nbytes(self) -> int:
@@ -218,7 +227,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def _from_model(model: nn.Module, config: RLRRConfig | None, fingerprint: str | None, num_classes: int | None,
+def _from_model(model: nn.Module, config: Any, fingerprint: str | None, num_classes: int | None,
                 base_model: str | None, data_config: dict[str, Any] | None) -> tuple:
     # Everything `save_adapter` was not told, read from a model wrapped by add_rlrr.
     own = wrapped_config(model)  # raises for a model without an adapter
@@ -242,7 +251,7 @@ def save_adapter(
         directory: str | os.PathLike,
         *,
         base_model: str | None = None,
-        config: RLRRConfig | None = None,
+        config: Any = None,
         fingerprint: str | None = None,
         num_classes: int | None = None,
         labels: list[str] | None = None,
@@ -277,8 +286,10 @@ def save_adapter(
     _check_tensors(tensors, num_classes, labels)
     spec = backbone_spec or _derived_spec(base_model, metadata or {})
 
-    doc = {"format_version": FORMAT_VERSION, "method": METHOD, "library": "rlrr-serve",
-           "rlrr_config": config.to_dict(), "base_model": base_model, "backbone_fingerprint": fingerprint,
+    method = method_of(config).name
+    doc = {"format_version": FORMAT_VERSION, "method": method, "library": "rlrr-serve",
+           _CONFIG_KEY.get(method, METHOD_CONFIG): config.to_dict(), "base_model": base_model,
+           "backbone_fingerprint": fingerprint,
            "backbone_spec": spec.to_dict(), "num_classes": num_classes, "labels": labels,
            "data_config": _jsonable(data_config or {}), "metadata": _jsonable(metadata or {})}
 
@@ -544,8 +555,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in doc]
     if missing:
         raise AdapterError(f"{CONFIG_NAME} lacks the fields {missing}")
-    if doc["method"] != METHOD:
-        raise AdapterError(f"{CONFIG_NAME}: method {doc['method']!r} is not {METHOD!r}")
+    if doc["method"] not in METHODS:
+        raise AdapterError(f"{CONFIG_NAME}: unknown method {doc['method']!r}; this library reads {sorted(METHODS)}")
+    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
+    if key not in doc:
+        raise AdapterError(f"{CONFIG_NAME} lacks the field {key!r} (the {doc['method']} config)")
     try:
         AdapterConfigFile.model_validate(doc)
     except ValidationError as e:
@@ -642,10 +656,11 @@ def load_adapter(
     """
     directory = Path(directory)
     doc = _read_config(directory)
+    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
     try:
-        config = RLRRConfig.from_dict(doc["rlrr_config"])
+        config = config_from_dict(doc["method"], doc[key])
     except (TypeError, ValueError) as e:
-        raise AdapterError(f"{CONFIG_NAME}: invalid rlrr_config: {e}") from None
+        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
     if backbone_spec is None and backbone is not None:
         backbone_spec = getattr(backbone, "backbone_spec", None)
     spec = _check_backbone(doc, directory.name, backbone, fingerprint, backbone_spec, base_model)
@@ -723,7 +738,7 @@ def read_adapter_config(
         fingerprint: str | None = None,
         backbone_spec: BackboneSpec | None = None,
         base_model: str | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """Read and validate an adapter folder's config, and refuse another backbone, without reading its tensors.
 
     What a server with thousands of adapters reads at start-up; `load_adapter` reads and checks the
@@ -735,14 +750,18 @@ def read_adapter_config(
         backbone_spec: The served backbone's spec; its `model_kwargs` must match the adapter's.
         base_model: timm name of the served backbone (see `load_adapter`).
 
+    Returns:
+        The config document and its method's configuration object.
+
     Raises:
         AdapterError: Missing or invalid config, or an adapter for another backbone.
     """
     directory = Path(directory)
     doc = _read_config(directory)
+    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
     try:
-        RLRRConfig.from_dict(doc["rlrr_config"])
+        config = config_from_dict(doc["method"], doc[key])
     except (TypeError, ValueError) as e:
-        raise AdapterError(f"{CONFIG_NAME}: invalid rlrr_config: {e}") from None
+        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
     _check_backbone(doc, directory.name, None, fingerprint, backbone_spec, base_model)
-    return doc
+    return doc, config

@@ -9,7 +9,8 @@ from . import rlrr
 from .config import RLRRConfig
 from .names import ADAPTER_PARAM_TAGS, is_adapter_key  # noqa: F401 - re-exported: the wrappers' attribute names
 
-__all__ = ["RLRRLinear", "SSFLayer", "ADAPTER_PARAM_TAGS", "FORWARD_MODES", "is_adapter_key", "set_forward_mode"]
+__all__ = ["AdapterWrapper", "RLRRLinear", "SSFLayer", "LoRALayer", "IA3Layer", "BiasShift", "ADAPTER_PARAM_TAGS",
+           "FORWARD_MODES", "is_adapter_key", "set_forward_mode"]
 
 FORWARD_MODES = ("fold", "unmerged")
 
@@ -25,12 +26,18 @@ def set_forward_mode(model: nn.Module, mode: str) -> nn.Module:
     if mode not in FORWARD_MODES:
         raise ValueError(f"forward mode must be one of {FORWARD_MODES}, got {mode!r}")
     for m in model.modules():
-        if isinstance(m, RLRRLinear):
+        if isinstance(m, RLRRLinear | LoRALayer):
             m.forward_mode = mode
     return model
 
 
-class RLRRLinear(nn.Module):
+class AdapterWrapper(nn.Module):
+    """What every training wrapper is: a frozen `base_layer` plus the task's tensors (`unwrap` finds these)."""
+
+    base_layer: nn.Module
+
+
+class RLRRLinear(AdapterWrapper):
     """A frozen nn.Linear with RLRR rescaling: W ⊙ (1 + l cᵀ), b + s."""
 
     def __init__(self, base_layer: nn.Linear, config: RLRRConfig, groups: int = 1) -> None:
@@ -95,7 +102,7 @@ class RLRRLinear(nn.Module):
         return F.linear(x, weight, bias)
 
 
-class SSFLayer(nn.Module):
+class SSFLayer(AdapterWrapper):
     """A frozen norm / patch projection followed by SSF scale and shift."""
 
     def __init__(self, base_layer: nn.Module, dim: int, init: str, channel_dim: int = -1) -> None:
@@ -120,3 +127,85 @@ class SSFLayer(nn.Module):
         y = self.base_layer(x)
         shape = (-1, 1, 1) if self.channel_dim == 1 else (-1,)
         return rlrr.ssf(y, self.ssf_scale.view(shape), self.ssf_shift.view(shape))
+
+
+def _channel_view(v: torch.Tensor, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return v.view(-1, 1, 1) if channel_dim == 1 and y.dim() == 4 else v
+
+
+class LoRALayer(AdapterWrapper):
+    """A frozen nn.Linear (or the patch-embedding Conv2d) plus k · B A, PEFT's LoRA.
+
+    A conv's A is (r, in·kh·kw): the conv is a linear over its patches, so ΔW = k · (B A) viewed
+    as the kernel.
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, scale: float) -> None:
+        """
+        Args:
+            base_layer: The frozen linear or conv; never written.
+            rank: r.
+            scale: k = α / r (α / √r with rsLoRA).
+        """
+        super().__init__()
+        self.base_layer, self.scale = base_layer, scale
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, w[0].numel()))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank))  # (out, r): zero, so the start is W
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # PEFT's (and nn.Linear's) init of A
+        self.forward_mode = "unmerged"
+
+    def delta(self) -> torch.Tensor:
+        """k · B A in the base weight's shape."""
+        w = self.base_layer.weight
+        return (self.scale * (self.lora_B @ self.lora_A)).view(w.shape).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        if isinstance(b, nn.Conv2d) or self.forward_mode == "fold":
+            weight = b.weight + self.delta()
+            if isinstance(b, nn.Conv2d):
+                return b._conv_forward(x, weight, b.bias)
+            return F.linear(x, weight, b.bias)
+        # x Wᵀ + k (x Aᵀ) Bᵀ: two thin matmuls instead of an out×in fold (r << in, out)
+        return b(x) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class IA3Layer(AdapterWrapper):
+    """A frozen linear (or conv) with PEFT's IA³: output scaling s ⊙ (W x + b), or W (s ⊙ x) + b."""
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool) -> None:
+        """
+        Args:
+            base_layer: The frozen linear or conv; never written.
+            feedforward: Scale the input (PEFT's `feedforward_modules`) instead of the output.
+        """
+        super().__init__()
+        self.base_layer, self.feedforward = base_layer, feedforward
+        w = base_layer.weight
+        self.ia3_l = nn.Parameter(torch.ones(w.shape[1] if feedforward else w.shape[0]))  # PEFT's init: ones
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feedforward:
+            return self.base_layer(x * self.ia3_l)
+        y = self.base_layer(x)
+        return y * _channel_view(self.ia3_l, y, 1 if isinstance(self.base_layer, nn.Conv2d) else -1)
+
+
+class BiasShift(AdapterWrapper):
+    """A frozen linear, norm or conv whose bias learns a shift (BitFit): base(x) + δ."""
+
+    def __init__(self, base_layer: nn.Module, dim: int, channel_dim: int = -1) -> None:
+        """
+        Args:
+            base_layer: The frozen module; never written.
+            dim: Channels it outputs.
+            channel_dim: Where the channels are in its output: -1 (tokens) or 1 (NCHW conv).
+        """
+        super().__init__()
+        self.base_layer, self.channel_dim = base_layer, channel_dim
+        self.bitfit_b = nn.Parameter(torch.zeros(dim))  # the pretrained bias at step 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y + _channel_view(self.bitfit_b, y, self.channel_dim)

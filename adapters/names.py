@@ -6,13 +6,16 @@ attributes named by the tags, so the wrapped model's state dict, the safetensors
 """
 from __future__ import annotations
 
-__all__ = ["RLRR_L", "RLRR_C", "RLRR_S", "SSF_SCALE", "SSF_SHIFT", "ADAPTER_PARAM_TAGS", "HEAD_NAMES",
-           "tensor_name", "is_adapter_key"]
+__all__ = ["RLRR_L", "RLRR_C", "RLRR_S", "SSF_SCALE", "SSF_SHIFT", "LORA_A", "LORA_B", "IA3_L", "BITFIT_B",
+           "ADAPTER_PARAM_TAGS", "HEAD_NAMES", "tensor_name", "is_adapter_key"]
 
 RLRR_L, RLRR_C, RLRR_S = "rlrr_l", "rlrr_c", "rlrr_s"  # row vector, column vectors, bias shift
 SSF_SCALE, SSF_SHIFT = "ssf_scale", "ssf_shift"
+LORA_A, LORA_B = "lora_A", "lora_B"  # (r, in) and (out, r), as PEFT names them; a conv's A is (r, in·kh·kw)
+IA3_L = "ia3_l"  # IA³ scaling: (out,), or (in,) on a feed-forward module
+BITFIT_B = "bitfit_b"  # BitFit: the learned shift of a bias (out,)
 # Every adapter tensor's name ends with one of these, so it can be told from backbone weights.
-ADAPTER_PARAM_TAGS = (RLRR_L, RLRR_C, RLRR_S, SSF_SCALE, SSF_SHIFT)
+ADAPTER_PARAM_TAGS = (RLRR_L, RLRR_C, RLRR_S, SSF_SCALE, SSF_SHIFT, LORA_A, LORA_B, IA3_L, BITFIT_B)
 HEAD_NAMES = ("head.weight", "head.bias")  # the task head travels with the adapter
 
 

@@ -1,9 +1,10 @@
 """The engine thread: owns the frozen backbone, every task's life on it, and how a batch runs.
 
-A task is *prepared* (added to the multi-task model after a cheap bound check: no fold), runs in
-batches planned by `app.planner`, and is *retired* when replaced or deleted. All model work runs
-on one worker thread, so the event loop never blocks and the multi-task table only changes
-between batches (a task's row index is never shifted under a running forward).
+A task is *prepared* (added to the multi-task model after a cheap bound check: no fold; its handle
+kept beside its `LoadedTask`), runs in batches planned by `app.planner`, and is *retired* when
+replaced or deleted. A batch runs its tasks by handle, so a retirement never touches a batch that
+still holds the old version (it runs, then the version is freed with its last reference). All
+model work runs on one worker thread, so the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import collections
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -24,7 +26,16 @@ from timm.data import resolve_data_config
 from torch import nn
 from torch.func import functional_call
 
-from adapters import MultiTaskViT, PackedTensors, backbone_fingerprint, check_bounds, fold_adapter, weight_bounds
+from adapters import (
+    MultiTaskViT,
+    PackedTensors,
+    TaskHandle,
+    adapter_forms,
+    backbone_fingerprint,
+    check_bounds,
+    fold_adapter,
+    weight_bounds,
+)
 from app.cache import MergedCache, Weights
 from app.errors import AdapterFailure
 from app.metrics import Metrics
@@ -83,7 +94,9 @@ class Engine:
         self.cache = MergedCache(cache_bytes, metrics)
         self.multi = MultiTaskViT(backbone)
         self.calibration_batch = calibration_batch
-        self._bounds = weight_bounds(backbone)  # max|W| per rescaled layer, for the load-time check
+        self._bounds = weight_bounds(backbone)  # max|W| per adaptable layer, for the load-time check
+        # A task version's handle lives exactly as long as its LoadedTask (the registry's, or a queued batch's).
+        self._handles: weakref.WeakKeyDictionary[LoadedTask, TaskHandle] = weakref.WeakKeyDictionary()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine", initializer=flush_denormals)
 
     @property
@@ -145,16 +158,15 @@ class Engine:
         await self._call(self._probe, task)
 
     async def retire(self, task: LoadedTask, trim: bool = True) -> None:
-        """Stop serving a replaced, deleted or evicted task version and free it (now, not after the batch).
+        """Stop serving a replaced, deleted or evicted task version: out of the task table and the cache now.
 
-        A batch already running keeps its snapshot; one still queued with this version re-adds it
-        once and frees it again afterwards.
+        A batch already running or still queued holds the version's handle and runs it unchanged;
+        its memory goes with the last such batch.
 
         Args:
             task: The old version.
             trim: Hand freed heap pages back to the OS now (evictions trim in bulk instead).
         """
-        task.retired = True  # on the version itself: a set of retired keys would grow with every eviction
         self._prune([task.key])
         if trim:
             await asyncio.to_thread(trim_heap)
@@ -180,8 +192,9 @@ class Engine:
         # O(adapter bytes): shapes (add_task) and value bounds; nothing is folded, so loading 1,000
         # tasks costs their file reads, not 1,000 passes over the backbone.
         adapter = task.adapter
-        check_bounds(adapter.tensors, adapter.config, self._bounds, self.dtype)
-        self.multi.add_task(task.key, adapter.tensors, adapter.config, adapter.num_classes)
+        forms, tensors = adapter_forms(self.backbone, adapter.tensors, adapter.config)
+        check_bounds(tensors, adapter.config, self._bounds, self.dtype, forms=forms)
+        self._handles[task] = self.multi.add_task(task.key, adapter.tensors, adapter.config, adapter.num_classes)
 
     def _probe(self, task: LoadedTask) -> None:
         h, w = self.input_size[1:]
@@ -191,7 +204,7 @@ class Engine:
         classes = task.adapter.num_classes
         with torch.inference_mode():
             for form in ("unmerged", "segmented"):
-                out = self.multi(x, [task.key] * len(x), mode=form)[:, :classes]
+                out = self.multi(x, [self._handle(task)] * len(x), mode=form)[:, :classes]
                 bad = (~torch.isfinite(out)).any(dim=1).cpu().tolist()
                 if any(bad):
                     raise ValueError(f"its logits are not finite on {sum(bad)} of {len(bad)} probe images (black, "
@@ -199,19 +212,20 @@ class Engine:
                                      f"{str(self.dtype).removeprefix('torch.')}")
 
     def _prune(self, keys: list[str]) -> None:
-        # Keys are unique per loaded version, so a retired key never comes back; the version's
-        # `retired` flag lets a batch that still held it free it again afterwards.
+        # Keys are unique per loaded version, so a retired key never comes back.
         loaded = set(self.multi.task_names)
         for key in keys:
             if key in loaded:
                 self.multi.remove_task(key)
             self.cache.pop(key)
 
-    def _ensure_loaded(self, tasks: list[LoadedTask]) -> None:
-        names = set(self.multi.task_names)
-        for task in tasks:
-            if task.key not in names:  # retired meanwhile but still queued: serve it once more
-                self.multi.add_task(task.key, task.adapter.tensors, task.adapter.config, task.adapter.num_classes)
+    def _handle(self, task: LoadedTask) -> TaskHandle:
+        handle = self._handles.get(task)
+        if handle is None:  # never prepared here (a direct caller): a handle outside the task table
+            a = task.adapter
+            handle = self._handles[task] = self.multi.add_task(task.key, a.tensors, a.config, a.num_classes,
+                                                               register=False)
+        return handle
 
     # -- the engine thread: warm-up and costs ----------------------------------------------------
 
@@ -227,7 +241,7 @@ class Engine:
         self._check_kernel(tasks[0], image)
         for form in ("segmented", "unmerged"):
             self._run_batch(items, force=form, record=False)
-        self._calibrate(tasks[0], image)
+        self._calibrate(tasks, image)
 
     def _check_kernel(self, task: LoadedTask, image: torch.Tensor) -> None:
         # The fused Triton GEMM (CUDA only) must agree with the torch fold before it serves: a kernel
@@ -250,28 +264,45 @@ class Engine:
             self.multi.fused = False
             log.warning("fused segmented kernel unavailable (%s: %s): using the torch fold", type(exc).__name__, exc)
 
-    def _calibrate(self, task: LoadedTask, image: torch.Tensor) -> None:
-        # Time one task's batch of 1 and of a few images in the two forms `auto` chooses between for
+    def _calibrate(self, tasks: list[LoadedTask], image: torch.Tensor) -> None:
+        # Time a task's batch of 1 and of a few images in the two forms `auto` chooses between for
         # mixed batches (a one-task cached batch always runs merged); the two points give a per-row and
-        # a per-call cost (on CPU the call cost is ~0; on a GPU small batches are all call). Kept
-        # small: it is most of a server's start-up time on CPU.
+        # a per-call cost (on CPU the call cost is ~0; on a GPU small batches are all call). The
+        # unmerged form is timed for a rescaling task (two GEMMs) and for a task without an l cᵀ term
+        # (LoRA, BitFit: one GEMM plus per-segment shrink/expand) when such tasks are loaded; the other
+        # gets a prior. Kept small: it is most of a server's start-up time on CPU.
+        handles = [self._handle(t) for t in tasks]
+        rescaling = next((h for h in handles if h.rescales), None)
+        plain = next((h for h in handles if not h.rescales), None)
         big = max(1, min(self.calibration_batch, 4))
         x = image[None].to(self.device, self.dtype).expand(big, *image.shape).contiguous()
-        keys = [task.key] * big
         c = self.costs
-        for form in ("segmented", "unmerged"):
-            one = self._best(lambda: self.multi(x[:1], keys[:1], mode=form), 2)  # noqa: B023
-            many = self._best(lambda: self.multi(x, keys, mode=form), 1) if big > 1 else one  # noqa: B023
-            row = (many - one) / (big - 1) if big > 1 else one
-            row = max(row, many / big / 4)  # noise guard: a row is never nearly free
-            setattr(c, f"{form}_row", row)
-            setattr(c, f"{form}_call", max(0.0, one - row))
+        c.segmented_row, c.segmented_call = self._time_form("segmented", handles[0], x)
+        if rescaling is not None:
+            c.unmerged_row, c.unmerged_call = self._time_form("unmerged", rescaling, x)
+        if plain is not None:
+            c.plain_row, call = self._time_form("unmerged", plain, x)
+            c.unmerged_call = call if rescaling is None else c.unmerged_call
+        if rescaling is None:
+            c.unmerged_row = 2 * c.segmented_row  # prior: the two-matmul form is ~2x the FLOPs
+        if plain is None:
+            c.plain_row = 1.05 * c.segmented_row  # prior: one GEMM plus thin shrink/expand
         c.merged_row, c.merged_call = c.segmented_row, c.segmented_call  # priced as a segmented pass (upper bound)
-        c.segment = self._best(lambda: self.multi.fold_segment(task.key), 3)
+        c.segment = max(self._best(lambda: self.multi.fold_segment(h), 3) for h in {rescaling, plain} - {None})  # noqa: B023
         for name, value in vars(c).items():
             self.metrics.auto_cost.labels(name).set(value)
-        log.info("plan costs (ms): segmented %.1f/row + %.1f/call + %.1f/group, unmerged %.1f/row + %.1f/call",
-                 *(1e3 * v for v in (c.segmented_row, c.segmented_call, c.segment, c.unmerged_row, c.unmerged_call)))
+        log.info("plan costs (ms): segmented %.1f/row + %.1f/call + %.1f/group, unmerged %.1f/row (%.1f without a "
+                 "rescale) + %.1f/call", *(1e3 * v for v in (c.segmented_row, c.segmented_call, c.segment,
+                                                           c.unmerged_row, c.plain_row, c.unmerged_call)))
+
+    def _time_form(self, form: Form, handle: TaskHandle, x: torch.Tensor) -> tuple[float, float]:
+        """(per row, per call) seconds of one task's rows in a form."""
+        big = x.shape[0]
+        one = self._best(lambda: self.multi(x[:1], [handle], mode=form), 2)
+        many = self._best(lambda: self.multi(x, [handle] * big, mode=form), 1) if big > 1 else one
+        row = (many - one) / (big - 1) if big > 1 else one
+        row = max(row, many / big / 4)  # noise guard: a row is never nearly free
+        return row, max(0.0, one - row)
 
     def _best(self, fn: Callable[[], object], repeats: int) -> float:
         best = math.inf  # the fastest of a few: a busy machine only adds time
@@ -309,9 +340,6 @@ class Engine:
                 if keys:
                     self._forward(form, images, items, [tasks[k] for k in keys], logits)
             predictions = _top_k(logits, items)
-        stale = [key for key, task in tasks.items() if task.retired]
-        if stale:  # this batch still used a replaced/deleted version: free it again
-            self._prune(stale)
         if record:
             self._record(kind, items, time.perf_counter() - start)
         out: list[TopK | AdapterFailure] = [[] for _ in items]
@@ -329,9 +357,11 @@ class Engine:
         self.cache.seen([k for k, n in counts.items() if 2 * n >= total])
         forced = force or (None if self.strategy == "auto" else self.strategy)
         for key in counts:  # one hit or miss per group; hot tasks (every task, if merged is forced) are cached
-            if self.cache.get(key) is None and (forced == "merged" or (forced is None and self.cache.admits(key))):
+            if self.cache.get(key) is None and self.multi.has_task(key) and (  # a retired version is not cached
+                    forced == "merged" or (forced is None and self.cache.admits(key))):
                 self.cache.put(key, self._fold(tasks[key]))
-        return self.planner.plan(counts, {k for k in counts if k in self.cache}, force)
+        plain_rows = {k for k in counts if not self._handle(tasks[k]).rescales}  # unmerged costs them no second GEMM
+        return self.planner.plan(counts, {k for k in counts if k in self.cache}, force, plain_rows)
 
     def _forward(self, form: Form, images: torch.Tensor, items: list[BatchItem], tasks: list[LoadedTask],
                  logits: torch.Tensor) -> None:
@@ -345,10 +375,9 @@ class Engine:
                 out = functional_call(self.backbone, weights, (x[sel[0]:sel[-1] + 1],))
                 logits[rows[sel[0]]:rows[sel[-1]] + 1, : out.shape[1]] = out
             return
-        self._ensure_loaded(tasks)
-        row_keys = [items[i].task.key for i in rows]
+        handles = [self._handle(items[i].task) for i in rows]
         merged = {k: w for k in keys if (w := self.cache.peek(k)) is not None} if form == "segmented" else None
-        out = self.multi(x, row_keys, mode=form, merged=merged)
+        out = self.multi(x, handles, mode=form, merged=merged)
         width = min(out.shape[1], logits.shape[1])  # `multi` pads to its widest LOADED head: past ours is -inf
         logits[torch.tensor(rows, device=self.device), :width] = out[:, :width]
 

@@ -90,7 +90,7 @@ async def read_body(request: Request, limit: int, timeout_s: float | None) -> by
 
 
 async def read_files(request: Request, limit: int, timeout_s: float | None) -> list[Part]:
-    """The file parts of a bounded multipart/form-data body.
+    """The parts of a bounded multipart/form-data body (files, and plain fields with no filename).
 
     Args:
         request: The request (must be multipart/form-data).
@@ -110,6 +110,8 @@ async def read_files(request: Request, limit: int, timeout_s: float | None) -> l
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):
                 parts.append((field, value.filename, await value.read()))
+            else:  # a plain form field (an upload's `labels`)
+                parts.append((field, None, value.encode()))
     finally:
         await form.close()
     return parts
@@ -180,3 +182,14 @@ def adapter_files(parts: list[Part]) -> tuple[bytes, bytes]:
         raise InvalidAdapter(
             f"upload lacks {missing}: send adapter_config.json as 'config' and adapter_model.safetensors as 'weights'")
     return found["config"], found["weights"]
+
+
+def form_field(parts: list[Part], name: str) -> bytes | None:
+    """The value of one part by field name (the last if sent twice), or None.
+
+    Args:
+        parts: The parts of an upload.
+        name: The field, e.g. `labels`.
+    """
+    found = [data for field, _, data in parts if field == name]
+    return found[-1] if found else None

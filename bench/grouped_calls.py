@@ -2,6 +2,7 @@
 
     python bench/grouped_calls.py                       # vit_small_patch16_224, 16 images, 1 thread
     python bench/grouped_calls.py --groups 9 --threads 2
+    python bench/grouped_calls.py --methods rlrr,lora,ia3    # task i of methods[i % 3]: mixed-method passes
 
 In one process, with random backbone weights: the time of ONE `functional_call` on a batch of B
 images (the `single` scenario of bench/serve.py: one cached fold) against
@@ -22,7 +23,10 @@ import timm
 import torch
 from torch.func import functional_call
 
-from adapters import MultiTaskViT, RLRRConfig, adapter_state_dict, add_rlrr
+from adapters import BitFitConfig, IA3Config, LoRAConfig, MultiTaskViT, RLRRConfig, adapter_state_dict, add_rlrr
+
+CONFIGS = {"rlrr": RLRRConfig(), "ssf": RLRRConfig.preset("ssf"), "lora": LoRAConfig(r=8, lora_alpha=16),
+           "bitfit": BitFitConfig(), "ia3": IA3Config()}
 
 
 def main() -> None:
@@ -32,7 +36,9 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=9, help="task groups of the middle case (Zipf-50 gives ~9 of 16)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default="rlrr", help=f"methods of the tasks, in turn (of {', '.join(CONFIGS)})")
     args = p.parse_args()
+    methods = args.methods.split(",")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as the server's engine thread does
     model = timm.create_model(args.backbone, pretrained=False).eval()
@@ -41,10 +47,11 @@ def main() -> None:
     x = torch.randn(args.batch, 3, *model.patch_embed.img_size)
     b, g = args.batch, args.groups
     multi = MultiTaskViT(model)
-    template = add_rlrr(timm.create_model(args.backbone, pretrained=False), RLRRConfig(), 10)
-    adapter = adapter_state_dict(template)  # reference init: not the identity, as a trained task
+    adapters = {m: adapter_state_dict(add_rlrr(timm.create_model(args.backbone, pretrained=False), CONFIGS[m], 10))
+                for m in methods}  # RLRR's reference init is not the identity; the others move by 0.01·i below
     for i in range(b):
-        multi.add_task(f"t{i}", {k: v + 0.01 * i for k, v in adapter.items()}, RLRRConfig(), 10)
+        m = methods[i % len(methods)]
+        multi.add_task(f"t{i}", {k: v + 0.01 * (i + 1) for k, v in adapters[m].items()}, CONFIGS[m], 10)
     segments = lambda n: [f"t{i * n // b}" for i in range(b)]  # noqa: E731 - rows sorted, n segments
     cases = {
         "1 call of B": lambda: functional_call(model, weights[0], (x,)),
@@ -65,7 +72,7 @@ def main() -> None:
                 start = time.perf_counter()
                 run()
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-    print(f"{args.backbone}, B={b}, {args.threads} thread(s), fastest of {args.repeats}")
+    print(f"{args.backbone}, B={b}, {args.threads} thread(s), fastest of {args.repeats}, methods {methods}")
     for name, seconds in best.items():
         print(f"{name:20s} {seconds:7.3f} s   time / (1 call of B) = {seconds / best['1 call of B']:.3f}")
 

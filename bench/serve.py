@@ -4,7 +4,8 @@
     python bench/serve.py                  # the default, longer and steadier run
     python bench/serve.py --backbone vit_tiny_patch16_224 --tasks 20 --many 200 --seconds 20
 
-One invocation generates M non-identity RLRR adapters (random vectors through `add_rlrr`, heads of
+One invocation generates M non-identity adapters (random vectors through `add_rlrr`; `--methods
+rlrr,lora,ia3` makes task i of methods[i % 3]: a mixed-method store; heads of
 2..200 classes, fingerprinted against the backbone the server builds from the same name and
 RLRR_SEED), then starts `python -m app` (uvicorn) once per server and drives it with a closed loop
 of C async httpx clients, one JPEG per request, for a fixed time after a warm-up. Every server the
@@ -65,6 +66,9 @@ from adapters import (  # noqa: E402
     CONFIG_NAME,
     WEIGHTS_NAME,
     BackboneSpec,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
     RLRRConfig,
     adapter_state_dict,
     add_rlrr,
@@ -129,18 +133,25 @@ class Row:
 # -- adapters -------------------------------------------------------------------------------------
 
 
-def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int) -> dict[str, Any]:
+# --methods: the config each method's generated tasks use (LoRA: r = 8, α = 16 on the four block linears)
+METHOD_CONFIGS = {"rlrr": RLRRConfig(), "ssf": RLRRConfig.preset("ssf"), "lora": LoRAConfig(r=8, lora_alpha=16),
+                  "bitfit": BitFitConfig(), "ia3": IA3Config()}
+
+
+def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int, methods: tuple[str, ...] = ("rlrr",)
+               ) -> dict[str, Any]:
     """Write N non-identity adapters (t000..), a spare one and a replacement for t003 into `root`.
 
     The first PROTOTYPES are generated whole (`save_adapter`); the others perturb one of them (a
-    copy of its tensors with a new head bias and one rescaling vector, `clone_adapter`), so 10,000
-    adapters take a minute, not twenty.
+    copy of its tensors with a new head bias and one adapter vector, `clone_adapter`, the
+    prototype's method), so 10,000 adapters take minutes, not an hour.
 
     Args:
         root: Folder that receives `adapters/<name>/` folders.
         backbone_name: timm name; the backbone is built exactly as the server builds it.
         seed: RLRR_SEED of the server (random backbone init).
         n_tasks: How many served tasks.
+        methods: Task i uses methods[i % len(methods)] (t000 the first).
 
     Returns:
         Paths of the adapter folders, their file sizes, and the backbone (for the ceiling).
@@ -148,17 +159,20 @@ def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int) -> dict[
     spec = BackboneSpec(backbone_name, pretrained=False, seed=seed)  # what the server builds from the same env
     backbone, _ = build_backbone(spec)
     fingerprint = backbone_fingerprint(backbone)
-    config = RLRRConfig()
-    template = add_rlrr(build_backbone(spec)[0], config, num_classes=2)
-    base = {k: v for k, v in adapter_state_dict(template).items() if not k.startswith("head.")}
-    width = template.num_features
-    del template
+    bases = {}
+    for method in methods:
+        template = add_rlrr(build_backbone(spec)[0], METHOD_CONFIGS[method], num_classes=2)
+        bases[method] = {k: v for k, v in adapter_state_dict(template).items() if not k.startswith("head.")}
+        width = template.num_features
+        del template
     names = [task_name(i) for i in range(n_tasks)] + ["spare", "t003-v2"]
     folders: dict[str, Path] = {}
     for i, name in enumerate(names):
         if PROTOTYPES <= i < n_tasks:
             folders[name] = clone_adapter(folders[task_name(i % PROTOTYPES)], root / "adapters" / name, i)
             continue
+        method = methods[(3 if name == "t003-v2" else i) % len(methods)]  # a replacement keeps its task's method
+        config, base = METHOD_CONFIGS[method], bases[method]
         gen = torch.Generator().manual_seed(10_000 + i)
         classes = 2 + (i * 37) % 199  # 2..200 classes: every head has its own width
         # Non-identity: every vector moves by ~0.1 (identity adapters would make merged == base prove nothing).
@@ -169,11 +183,11 @@ def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int) -> dict[
                                      fingerprint=fingerprint, num_classes=classes, backbone_spec=spec,
                                      labels=[f"{name}-{c}" for c in range(classes)])
     sizes = {n: sum(f.stat().st_size for f in d.iterdir()) for n, d in folders.items()}
-    return {"folders": folders, "sizes": sizes, "backbone": backbone, "config": config}
+    return {"folders": folders, "sizes": sizes, "backbone": backbone, "config": METHOD_CONFIGS[methods[0]]}
 
 
 def clone_adapter(prototype: Path, folder: Path, seed: int) -> Path:
-    """A new adapter from a prototype: its tensors with the head bias and one rescaling vector redrawn.
+    """A new adapter from a prototype: its tensors with the head bias and one adapter tensor redrawn.
 
     Written without `save_adapter`'s fsyncs (a benchmark's scratch store), with a valid checksum.
 
@@ -185,7 +199,7 @@ def clone_adapter(prototype: Path, folder: Path, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     tensors = _prototype(prototype)
     tensors = {**tensors, "head.bias": 0.01 * torch.randn(tensors["head.bias"].shape, generator=gen)}
-    key = next(k for k in tensors if k.endswith(".rlrr_l"))
+    key = next(k for k in sorted(tensors) if not k.startswith("head."))
     tensors[key] = tensors[key] + 0.1 * torch.randn(tensors[key].shape, generator=gen)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / WEIGHTS_NAME))
@@ -487,13 +501,13 @@ def summarize(scenario: str, strategy: str, run: dict[str, Any]) -> Row:
 # -- the in-process ceiling -----------------------------------------------------------------------
 
 
-def ceiling(backbone: torch.nn.Module, folder: Path, config: RLRRConfig, batch: int, seconds: float) -> Row:
+def ceiling(backbone: torch.nn.Module, folder: Path, config: Any, batch: int, seconds: float) -> Row:
     """The merged model's forward at `batch` images in this process: what HTTP serving can approach.
 
     Args:
         backbone: The frozen backbone (as the server builds it).
         folder: The task whose folded weights run (the `single` task).
-        config: Its RLRR config.
+        config: Its adapter config (any method's).
         batch: Images per forward (the server's max batch size).
         seconds: About how long to time.
     """
@@ -524,6 +538,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backbone", default="vit_small_patch16_224")
     p.add_argument("--seed", type=int, default=0, help="RLRR_SEED: the random backbone init")
     p.add_argument("--tasks", type=int, default=50, help="N of uniform-N / zipf-N")
+    p.add_argument("--methods", default="rlrr", help="comma-separated methods of the generated tasks, in turn "
+                                                     f"(of {', '.join(METHOD_CONFIGS)}); t000 (single) the first")
     p.add_argument("--many", type=int, default=1000, help="M of uniform-M / zipf-M (a second server); 0 skips")
     p.add_argument("--clients", type=int, default=32, help="closed-loop clients (2x the batch keeps one queued)")
     p.add_argument("--batch-size", type=int, default=16, help="RLRR_MAX_BATCH_SIZE")
@@ -701,7 +717,11 @@ def main() -> None:
     print(f"# bench/serve.py: {args.backbone}, {args.tasks} and {args.many} tasks, C={args.clients}, batch "
           f"{args.batch_size}, {args.warmup:.0f}+{args.seconds:.0f} s per scenario; {env_info}", flush=True)
     with tempfile.TemporaryDirectory(prefix="rlrr-bench-") as tmp:
-        made = make_store(Path(tmp), args.backbone, args.seed, max(args.many, args.tasks))
+        methods = tuple(m.strip() for m in args.methods.split(","))
+        unknown = set(methods) - set(METHOD_CONFIGS)
+        if unknown:
+            raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {list(METHOD_CONFIGS)}")
+        made = make_store(Path(tmp), args.backbone, args.seed, max(args.many, args.tasks), methods)
         first = task_name(0)
         print(f"# adapters: {len(made['folders']) - 2} of {made['sizes'][first] / 1e3:.0f} kB (+ head), generated "
               f"in {time.perf_counter() - begin:.0f} s", flush=True)

@@ -37,7 +37,7 @@ from .tasks import BUILTIN_TASKS
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = ("train", "export", "report", "tasks")
+COMMANDS = ("train", "export", "report", "tasks", "import-peft")
 DELEGATED = ("pretrain", "prepare", "sweep")  # sibling modules with their own `main(argv) -> int`
 
 
@@ -47,6 +47,21 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=os.environ.get("RLRR_STORE", "store"))
     p.add_argument("--backbone", help="timm name (default: the adapter's base model)")
     p.add_argument("--checkpoint", help="local backbone weights; must be the ones the adapter was trained on")
+    p.add_argument("--format", choices=("timm", "peft"), default="timm",
+                   help="timm: one merged checkpoint file; peft: a PEFT folder (LoRA and IA³ adapters) for "
+                        "peft.PeftModel.from_pretrained(timm_model, OUT)")
+
+
+def _import_peft_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", help="the PEFT folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--task", required=True, help="task name: the adapter's folder in the store")
+    p.add_argument("--labels", help="class names: a JSON array, a file (one per line) or comma-separated; "
+                                    "default 0, 1, ...")
+    p.add_argument("--store", default=os.environ.get("RLRR_STORE", "store"))
+    p.add_argument("--backbone", default=None, help="timm name of the backbone it will be served on")
+    p.add_argument("--checkpoint", help="local backbone weights (the server's)")
+    p.add_argument("--img-size", type=int, help="the backbone's img_size, if not its default")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in the store")
 
 
 def _report_parser(p: argparse.ArgumentParser) -> None:
@@ -68,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub.add_parser("export", help="write the merged standalone timm checkpoint"))
     _report_parser(sub.add_parser("report", help="redraw training curves and the per-layer shift of an adapter"))
     sub.add_parser("tasks", help="list the built-in tasks")
+    _import_peft_parser(sub.add_parser("import-peft", help="write a PEFT LoRA / IA³ folder into the store"))
     return parser
 
 
@@ -78,9 +94,24 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import export_task
+    if args.format == "peft":
+        from .peft_io import export_peft
 
-    out = export_task(args.task, args.out, store=args.store, backbone=args.backbone, checkpoint=args.checkpoint)
+        out = export_peft(args.task, args.out, store=args.store, checkpoint=args.checkpoint)
+    else:
+        from .export import export_task
+
+        out = export_task(args.task, args.out, store=args.store, backbone=args.backbone, checkpoint=args.checkpoint)
+    print(f"wrote {out}")
+
+
+def _import_peft(args: argparse.Namespace) -> None:
+    from .backbone import DEFAULT_BACKBONE
+    from .peft_io import import_peft, read_labels
+
+    out = import_peft(args.directory, args.task, read_labels(args.labels), store=args.store,
+                      backbone=args.backbone or DEFAULT_BACKBONE, checkpoint=args.checkpoint, img_size=args.img_size,
+                      overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -131,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             _report(args)
         elif args.command == "tasks":
             _tasks()
+        elif args.command == "import-peft":
+            _import_peft(args)
         else:
             _train(args, argv[1:])
     except (TrainerError, AdapterError) as e:

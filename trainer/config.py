@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from adapters import RLRRConfig
+from adapters import BitFitConfig, IA3Config, LoRAConfig, RLRRConfig
 from adapters.config import INIT_POLICIES
 
 from .backbone import DEFAULT_BACKBONE
@@ -28,7 +28,8 @@ from .tasks import FORMATS, Task, get_task
 __all__ = ["TrainConfig", "METHODS", "RECIPE_FIELDS", "ABLATIONS", "SETTINGS_NAME", "add_train_arguments",
            "config_from_args", "typed_options", "default_run_dir"]
 
-METHODS = ("rlrr", "ssf", "linear", "full")
+METHODS = ("rlrr", "ssf", "linear", "lora", "bitfit", "ia3", "full")
+LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0}  # r = 8, α = 16: PEFT's common choice, the paper's LoRA rank
 # Task fields a run may override; None in TrainConfig means the task's value.
 RECIPE_FIELDS = ("epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", "drop_path")
 # RLRRConfig switches the command line turns off (--no-NAME), and its init policy.
@@ -78,7 +79,10 @@ class TrainConfig:
         "backbone", "input resolution: timm's img_size (position grid resampled); recorded in the adapter's "
                     "backbone_spec, serve with RLRR_BACKBONE_KWARGS='{\"img_size\": N}'"))
     method: str = field(default="rlrr", metadata=option(
-        "method", "an adapter (rlrr, ssf, linear) or full fine-tuning", choices=METHODS))
+        "method", "an adapter (rlrr, ssf, linear, lora, bitfit, ia3) or full fine-tuning", choices=METHODS))
+    lora_rank: int | None = field(default=None, metadata=option("method", "--method lora: rank r (default 8)"))
+    lora_alpha: float | None = field(default=None, metadata=option(
+        "method", "--method lora: α, the update is scaled by α / r (default 16)"))
     rlrr_overrides: dict[str, Any] = field(default_factory=dict)  # RLRRConfig fields: the ablation flags
     epochs: int | None = _recipe()
     lr: float | None = _recipe()
@@ -107,6 +111,9 @@ class TrainConfig:
             raise ConfigError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.rlrr_overrides and self.method != "rlrr":
             raise ConfigError(f"the ablation switches {sorted(self.rlrr_overrides)} apply to --method rlrr only")
+        given = [f"--{k.replace('_', '-')}" for k in LORA_DEFAULTS if getattr(self, k) is not None]
+        if given and self.method != "lora":
+            raise ConfigError(f"{', '.join(given)} apply to --method lora only")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs}) must be in [0, --epochs={self.epochs})")
         if self.stop_after is not None and self.stop_after < 1:
@@ -122,11 +129,16 @@ class TrainConfig:
         if "warmup_epochs" not in given:
             self.warmup_epochs = min(self.task.warmup_epochs, self.epochs / 5)
 
-    def rlrr_config(self) -> RLRRConfig | None:
-        """The adapter configuration of this method (None for full fine-tuning)."""
+    def rlrr_config(self) -> RLRRConfig | LoRAConfig | BitFitConfig | IA3Config | None:
+        """The adapter configuration of this method, any method's (None for full fine-tuning)."""
         if self.method == "full":
             return None
         try:
+            if self.method == "lora":
+                return LoRAConfig(r=self.lora_rank or LORA_DEFAULTS["lora_rank"],
+                                  lora_alpha=self.lora_alpha or LORA_DEFAULTS["lora_alpha"])
+            if self.method in ("bitfit", "ia3"):
+                return {"bitfit": BitFitConfig, "ia3": IA3Config}[self.method]()
             return RLRRConfig.preset(self.method, **self.rlrr_overrides)
         except ValueError as e:
             raise ConfigError(f"invalid adapter configuration: {e}") from None

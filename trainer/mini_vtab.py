@@ -30,6 +30,7 @@ SHARED_DATA = Path(os.environ.get("RLRR_SHARED_DATA", REPO.parent / "shared" / "
 CACHE = REPO / ".cache"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_SIZE = 1000
+THUMB = 160  # ants-bees photos are stored at this size (square, centre-cropped)
 PRETRAIN_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 DOWNSTREAM_CLASSES = ("dog", "frog", "horse", "ship", "truck")
 FASHION_LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -95,8 +96,9 @@ def ants_bees(rng: random.Random) -> dict[str, list[Sample]]:
     root = extract_shared("hymenoptera.tar") / "hymenoptera"
     out = {}
     for split, src in (("train", "train"), ("test", "val")):
-        # Downsized once here: the backbone sees 32 px anyway, and the cache stays small.
-        out[split] = [(_thumb(Image.open(p).convert("RGB"), 64), c)
+        # Downsized once here, to 160 px: above the hybrid backbone's 128 px crop (resize to 146,
+        # then crop), so training sees what a served photo becomes; the cache stays small.
+        out[split] = [(_thumb(Image.open(p).convert("RGB"), THUMB), c)
                       for c in ("ants", "bees") for p in sorted((root / src / c).glob("*.jpg"))]
     return out
 

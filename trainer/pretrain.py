@@ -1,7 +1,8 @@
-"""Pretrain the in-house backbone from scratch on 5 CIFAR-10 classes (no ImageNet weights offline).
+"""Pretrain an in-house backbone: the pico ViT from scratch on 5 CIFAR-10 classes, or the hybrid by distillation.
 
     python -m trainer pretrain                       # ~17 min on 2 CPU cores, writes adapters/weights/
     python -m trainer pretrain --epochs 1 --out /tmp/w   # a quick look
+    python -m trainer pretrain --backbone vit_hybrid_efflite0_128   # the default backbone: trainer/distill.py
 
 Classes airplane, automobile, bird, cat, deer of ../shared/data/cifar10-jpeg.tar.gz, train split,
 32×32 px; the other five classes are the downstream task `cifar5`, so pretraining never sees them.
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from adapters.backbones import PICO_NAME, PICO_WEIGHTS
+from adapters.backbones import HYBRID_NAME, PICO_NAME, PICO_WEIGHTS
 
 from .mini_vtab import PRETRAIN_CLASSES, extract_shared
 from .optim import adamw, lr_at, set_lr
@@ -65,6 +66,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m trainer pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default=PICO_NAME.split(".")[0], choices=[PICO_NAME.split(".")[0]],
+                    help=f"this one; {HYBRID_NAME.split('.')[0]} is distilled by trainer/distill.py")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -130,10 +133,18 @@ def save(model: torch.nn.Module, out: Path, card: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer pretrain [--backbone NAME]`; returns the exit status."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--backbone")
+    known, _ = probe.parse_known_args(argv)
+    if known.backbone and known.backbone.split(".")[0] == HYBRID_NAME.split(".")[0]:
+        from .distill import main as distill_main
+
+        return distill_main(argv)
     args = build_parser().parse_args(argv)
     # The resolved command (defaults included), so the model card reproduces the run by itself.
     command = "python -m trainer pretrain " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "backbone"))
 
     # setup
     torch.manual_seed(args.seed)

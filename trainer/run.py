@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adapters import RLRRConfig, add_rlrr, backbone_fingerprint
+from adapters import add_rlrr, backbone_fingerprint
 from adapters.backbones import BackboneSpec
 
 from .backbone import backbone_spec, create_backbone
@@ -25,6 +25,7 @@ from .config import SETTINGS_NAME, TrainConfig, default_run_dir
 from .data import ImageDataset, TaskData, build_transform, load_task_data, task_data_config
 from .errors import ConfigError, StoreError
 from .optim import adamw
+from .stem_cache import CachedStemDataset, frozen_stem
 
 __all__ = ["Run", "RunPaths", "setup", "announce", "resolve_device", "grad_scaler", "say"]
 
@@ -59,7 +60,7 @@ class Run:
     data: TaskData
     spec: BackboneSpec
     model: nn.Module
-    rlrr_config: RLRRConfig | None  # None: full fine-tuning
+    rlrr_config: Any  # the adapter config of any method (RLRRConfig, LoRAConfig, ...); None: full fine-tuning
     fingerprint: str
     data_config: dict[str, Any]
     train_loader: DataLoader
@@ -118,17 +119,23 @@ def _check_paths(cfg: TrainConfig, paths: RunPaths) -> None:
         paths.ckpt.unlink()  # a fresh run: an interruption must not later --resume the old one
 
 
-def _loaders(cfg: TrainConfig, data: TaskData, data_config: dict[str, Any], device: torch.device
-             ) -> tuple[DataLoader, torch.Generator, dict[str, DataLoader]]:
+def _loaders(cfg: TrainConfig, data: TaskData, data_config: dict[str, Any], device: torch.device,
+             model: nn.Module) -> tuple[DataLoader, torch.Generator, dict[str, DataLoader]]:
     task = cfg.task
+    augment = task.hflip or task.transform == "fgvc"
     train_tf = build_transform(data_config, train=True, hflip=task.hflip, random_crop=task.transform == "fgvc")
     eval_tf = build_transform(data_config, train=False)
+    # A frozen conv stem (the hybrid backbone) runs once per image, not once per epoch: its
+    # features are cached, unless random augmentation makes every epoch's input new.
+    stem = frozen_stem(model)
+    wrap = (lambda ds, cache: CachedStemDataset(ds, stem) if cache else ds) if stem is not None \
+        else (lambda ds, cache: ds)
     shuffle_gen = torch.Generator()
     loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.workers,
                  "pin_memory": device.type == "cuda", "persistent_workers": cfg.workers > 0}
-    train_loader = DataLoader(ImageDataset(data.splits["train"], train_tf), shuffle=True,
+    train_loader = DataLoader(wrap(ImageDataset(data.splits["train"], train_tf), not augment), shuffle=True,
                               generator=shuffle_gen, drop_last=False, **loader_kw)
-    eval_loaders = {s: DataLoader(ImageDataset(data.splits[s], eval_tf), shuffle=False, **loader_kw)
+    eval_loaders = {s: DataLoader(wrap(ImageDataset(data.splits[s], eval_tf), True), shuffle=False, **loader_kw)
                     for s in ("val", "test") if data.splits.get(s)}
     return train_loader, shuffle_gen, eval_loaders
 
@@ -159,7 +166,7 @@ def setup(cfg: TrainConfig) -> Run:
     else:
         add_rlrr(model, rlrr_config, data.num_classes)
     model.to(device)
-    train_loader, shuffle_gen, eval_loaders = _loaders(cfg, data, data_config, device)
+    train_loader, shuffle_gen, eval_loaders = _loaders(cfg, data, data_config, device, model)
     return Run(cfg, paths, device, amp_dtype, data, spec, model, rlrr_config, fingerprint, data_config,
                train_loader, shuffle_gen, eval_loaders, optimizer=adamw(model, cfg.lr, cfg.weight_decay),
                scaler=grad_scaler(device, amp_dtype))

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.deps import AdminDep, FrontDep, ServiceDep, SettingsDep
 from app.errors import error_responses
-from app.payloads import adapter_files, read_files
+from app.payloads import adapter_files, form_field, read_files
+from app.peft_upload import parse_labels
 from app.registry import NAME_MAX, NAME_PATTERN
 from app.schemas import TaskDetail, TaskList
 
@@ -18,7 +19,8 @@ TaskName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]
 _UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["config", "weights"], "properties": {
         "config": {"type": "string", "format": "binary", "description": "adapter_config.json"},
-        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"}}}}}}}
+        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+        "labels": {"type": "string", "description": "PEFT adapters: a JSON array of class names"}}}}}}}
 
 
 @router.get("", response_model=TaskList, responses=error_responses(422))
@@ -45,9 +47,12 @@ async def upload_task(
     name: TaskName, request: Request, service: ServiceDep, settings: SettingsDep,
     pinned: Annotated[bool, Query(description="Never evict it (until restart, or an upload without it).")] = False,
 ) -> TaskDetail:
-    """Validate an adapter (multipart `config` + `weights`), store it atomically, serve it now (resident)."""
-    config, weights = adapter_files(await read_files(request, settings.max_body_bytes, settings.body_timeout_s))
-    return await service.add_task(name, config, weights, pinned)
+    """Validate an adapter (multipart `config` + `weights`; a PEFT folder's two files also take
+    `labels`, a JSON array of class names), store it atomically, serve it now (resident)."""
+    parts = await read_files(request, settings.max_body_bytes, settings.body_timeout_s)
+    config, weights = adapter_files(parts)
+    return await service.add_task(name, config, weights, labels=parse_labels(form_field(parts, "labels")),
+                                  pinned=pinned)
 
 
 @admin.delete("/{name}", status_code=204, response_class=Response, responses=error_responses(401, 403, 404, 422))

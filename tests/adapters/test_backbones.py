@@ -90,10 +90,16 @@ def test_older_adapter_files_derive_their_spec(checkpoint: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # Embedded weights: no hub probe (an offline `make serve` must not wait on the network).
     monkeypatch.setattr(backbones, "hub_offline", lambda *a, **k: pytest.fail("probed the hub"))
-    # The demo store predates backbone_spec: its spec comes from metadata.backbone, and it still loads.
+    # The pico demo store predated backbone_spec: such a file's spec comes from metadata.backbone (as
+    # that store recorded it), and it still loads.
     pico, random_weights = build_backbone(BackboneSpec(PICO_NAME))
     assert not random_weights
-    demo = load_adapter(REPO / "demo/store/cifar5", backbone=pico)
+    older = _save(BackboneSpec(PICO_NAME), tmp_path / "pico-older")
+    doc = json.loads((older / "adapter_config.json").read_text())
+    del doc["backbone_spec"]
+    doc["metadata"] = {"backbone": {"checkpoint": None, "model_kwargs": {}, "name": PICO_NAME}}
+    (older / "adapter_config.json").write_text(json.dumps(doc))
+    demo = load_adapter(older, backbone=pico)
     assert demo.backbone_spec == BackboneSpec(PICO_NAME)
     # A file without backbone_spec whose metadata recorded kwargs keeps them, and is checked on them.
     directory = _save(BackboneSpec("test_vit", checkpoint=str(checkpoint), model_kwargs={"img_size": 32}),

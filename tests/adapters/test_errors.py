@@ -8,6 +8,9 @@ from adapters import (
     AdapterModelError,
     AdapterShapeError,
     AdapterValueError,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
     MultiTaskViT,
     RLRRConfig,
     UnknownTaskError,
@@ -19,7 +22,7 @@ from adapters import (
     tensor_name,
     weight_bounds,
 )
-from adapters.layers import ADAPTER_PARAM_TAGS, RLRRLinear, SSFLayer
+from adapters.layers import ADAPTER_PARAM_TAGS, AdapterWrapper
 
 
 @pytest.mark.parametrize(
@@ -52,9 +55,13 @@ def test_each_problem_raises_its_own_error(make_vit, perturb) -> None:
 
 
 def test_wrapper_attributes_are_the_tensor_name_tags(make_vit) -> None:
-    model = add_rlrr(make_vit(), RLRRConfig(), 3)
-    own = {name for m in model.modules() if isinstance(m, RLRRLinear | SSFLayer)
-           for name, _ in m.named_parameters(recurse=False)}
+    # Every method's wrappers together hold exactly the registered tags (no tensor escapes is_adapter_key).
+    own = set()
+    for config in (RLRRConfig(), LoRAConfig(), BitFitConfig(), IA3Config()):
+        wrapped = add_rlrr(make_vit(), config, 3)
+        own |= {name for m in wrapped.modules() if isinstance(m, AdapterWrapper)
+                for name, _ in m.named_parameters(recurse=False)}
     assert own == set(ADAPTER_PARAM_TAGS)
+    model = add_rlrr(make_vit(), RLRRConfig(), 3)
     qkv = model.blocks[0].attn.qkv
     assert torch.equal(model.state_dict()[tensor_name("blocks.0.attn.qkv", "rlrr_c")], qkv.rlrr_c)

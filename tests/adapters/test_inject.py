@@ -125,7 +125,7 @@ def test_unsupported_models_are_refused(make_vit) -> None:
     with pytest.raises(ValueError, match="has no module 'attn.qkvv'"):
         add_rlrr(make_vit(), RLRRConfig(rescale_targets=("attn.qkvv",)), 3)
     model = add_rlrr(make_vit(), RLRRConfig(), 3)
-    with pytest.raises(ValueError, match="already has an RLRR adapter"):
+    with pytest.raises(ValueError, match="already has an adapter"):
         add_rlrr(model, RLRRConfig(), 3)
 
 

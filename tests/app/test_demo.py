@@ -1,4 +1,4 @@
-"""The embedded default (`make serve`): in-house backbone + the eight committed mini-VTAB adapters."""
+"""The embedded default (`make serve`): in-house hybrid backbone + the eight mini-VTAB adapters + `imagenet`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from adapters.backbones import HYBRID_NAME
 from app.main import create_app
 from app.settings import Settings
 from trainer.mini_vtab import TASKS, prepare_task
@@ -29,12 +30,13 @@ def demo_client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
         yield client
 
 
-def test_defaults_serve_the_in_house_backbone_and_eight_tasks(demo_client: TestClient) -> None:
+def test_defaults_serve_the_in_house_backbone_and_nine_tasks(demo_client: TestClient) -> None:
     body = demo_client.get("/tasks").json()
-    assert body["backbone"]["name"] == "vit_pico_patch4_32.cifar5"
+    assert body["backbone"]["name"] == HYBRID_NAME
     assert body["backbone"]["random_weights"] is False
     tasks = {t["name"]: t for t in body["tasks"]}
-    assert set(tasks) == set(TASKS)
+    assert set(tasks) == set(TASKS) | {"imagenet"}
+    assert len(tasks["imagenet"]["labels"]) == 1000 and tasks["imagenet"]["labels"][309] == "bee"
     assert all(t["state"] == "loaded" for t in tasks.values()), tasks
 
 

@@ -120,6 +120,20 @@ def test_auto_plan_follows_the_costs() -> None:
         Planner("fastest")
 
 
+def test_auto_plan_prices_tasks_without_a_rescale_at_one_gemm() -> None:
+    # LoRA / BitFit rows need no second GEMM in the unmerged pass (shared base GEMM + shrink/expand):
+    # with a fold dearer than one row, a LoRA group goes unmerged while an RLRR group of the same size
+    # stays segmented; and a pass holding a rescaling task prices all its rows at the two-GEMM rate.
+    planner = Planner("auto")
+    planner.costs = Costs(segmented_row=0.05, segmented_call=0.0, segment=0.02, unmerged_row=0.1,
+                          unmerged_call=0.0, plain_row=0.052)
+    counts = {"lora": 2, "rlrr": 2}
+    assert planner.plan(counts, set(), plain={"lora"}) == {"lora": "unmerged", "rlrr": "segmented"}
+    assert set(planner.plan(counts, set()).values()) == {"segmented"}  # nothing plain: as before
+    mixed = planner.cost({"lora": "unmerged", "rlrr": "unmerged"}, counts, set(), {"lora"})
+    assert mixed == pytest.approx(4 * 0.1)
+
+
 def test_warm_up_measures_the_costs(client) -> None:
     engine = client.app.state.service.engine
     costs = vars(engine.costs)

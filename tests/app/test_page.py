@@ -51,7 +51,8 @@ def test_tasks_carry_what_the_cards_show(client: TestClient, checkpoint: Path, p
 
 
 @pytest.mark.parametrize(("values", "expected"), [
-    ({}, ("in-house", "vit_pico_patch4_32.cifar5.safetensors")),
+    ({}, ("in-house", "vit_hybrid_efflite0_128.distilled.safetensors")),
+    ({"backbone": "vit_pico_patch4_32.cifar5"}, ("in-house", "vit_pico_patch4_32.cifar5.safetensors")),
     ({"backbone": "vit_base_patch16_224.augreg_in21k"}, ("hub", "timm/vit_base_patch16_224.augreg_in21k")),
     ({"checkpoint": "/weights/vit.safetensors"}, ("local file", "/weights/vit.safetensors")),
     ({"backbone": "test_vit", "pretrained": False}, ("random", None)),
@@ -87,7 +88,7 @@ def test_page_classifies_a_real_photo_like_the_json_api(browser: Browser, demo_s
     page = _open(browser, demo_server, 1200)
     tasks = httpx.get(f"{demo_server}/tasks").json()
     backbone = page.locator("#backbone")
-    expect(backbone).to_contain_text("vit_pico_patch4_32.cifar5")
+    expect(backbone).to_contain_text("vit_hybrid_efflite0_128.distilled")
     expect(backbone).to_contain_text("in-house")
     expect(backbone).to_contain_text("cpu")
     expect(backbone).to_contain_text("float32")

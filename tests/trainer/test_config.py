@@ -27,7 +27,7 @@ def test_options_are_generated_from_the_fields() -> None:
     assert actions["lr"].help == task_help["lr"] and actions["lr"].type is float and actions["lr"].default is None
     assert actions["epochs"].type is int and actions["img_size"].type is int
     assert actions["holdout_val"].option_strings == ["--val"] and actions["holdout_val"].default is False
-    assert actions["method"].choices == ("rlrr", "ssf", "linear", "full")
+    assert actions["method"].choices == ("rlrr", "ssf", "linear", "lora", "bitfit", "ia3", "full")
 
 
 def test_recipe_fields_default_to_the_tasks() -> None:

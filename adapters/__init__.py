@@ -21,7 +21,6 @@ from .io import (
     Adapter,
     install_adapter,
     load_adapter,
-    method_config,
     read_adapter_config,
     remove_adapter,
     remove_stale_uploads,
@@ -43,7 +42,7 @@ __all__ = [
     "fold_adapter", "check_bounds", "weight_bounds", "VALUE_LIMIT", "plan_targets", "PackedTensors",
     "BackboneSpec", "BackboneError", "build_backbone", "tensor_name",
     "install_adapter", "remove_adapter", "stale_uploads", "remove_stale_uploads", "CONFIG_NAME", "WEIGHTS_NAME",
-    "read_adapter_config", "method_config",
+    "read_adapter_config",
     "AdapterError", "AdapterConfigError", "AdapterModelError", "AdapterShapeError", "AdapterValueError",
     "UnknownTaskError",
 ]

@@ -656,7 +656,11 @@ def load_adapter(
     """
     directory = Path(directory)
     doc = _read_config(directory)
-    config = method_config(doc)
+    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
+    try:
+        config = config_from_dict(doc["method"], doc[key])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
     if backbone_spec is None and backbone is not None:
         backbone_spec = getattr(backbone, "backbone_spec", None)
     spec = _check_backbone(doc, directory.name, backbone, fingerprint, backbone_spec, base_model)
@@ -729,28 +733,12 @@ def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
 
 
 
-def method_config(doc: dict[str, Any]) -> Any:
-    """The method's configuration object of a validated `adapter_config.json` document.
-
-    Args:
-        doc: The document `_read_config` returned (its `method` is known).
-
-    Raises:
-        AdapterError: The method's config section is invalid.
-    """
-    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
-    try:
-        return config_from_dict(doc["method"], doc[key])
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
-
-
 def read_adapter_config(
         directory: str | os.PathLike,
         fingerprint: str | None = None,
         backbone_spec: BackboneSpec | None = None,
         base_model: str | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """Read and validate an adapter folder's config, and refuse another backbone, without reading its tensors.
 
     What a server with thousands of adapters reads at start-up; `load_adapter` reads and checks the
@@ -762,11 +750,18 @@ def read_adapter_config(
         backbone_spec: The served backbone's spec; its `model_kwargs` must match the adapter's.
         base_model: timm name of the served backbone (see `load_adapter`).
 
+    Returns:
+        The config document and its method's configuration object.
+
     Raises:
         AdapterError: Missing or invalid config, or an adapter for another backbone.
     """
     directory = Path(directory)
     doc = _read_config(directory)
-    method_config(doc)
+    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
+    try:
+        config = config_from_dict(doc["method"], doc[key])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
     _check_backbone(doc, directory.name, None, fingerprint, backbone_spec, base_model)
-    return doc
+    return doc, config

@@ -36,7 +36,6 @@ from adapters import (
     AdapterError,
     install_adapter,
     load_adapter,
-    method_config,
     read_adapter_config,
     remove_adapter,
     remove_stale_uploads,
@@ -100,7 +99,7 @@ class Stored:
         base_model: timm name it was trained on.
         metadata: What the trainer recorded.
         method: Its method (rlrr, lora, bitfit, ia3).
-        config: Its method's configuration, as a dict.
+        config: The method's configuration, as a dict.
         data_config: Resolved eval data config.
         transform: Eval transform built from it (shared by tasks with the same data config).
         nbytes: Bytes of its tensors (what it costs resident).
@@ -524,21 +523,21 @@ class Registry:
         try:
             check_name(name)
             engine = self.engine
-            doc = read_adapter_config(directory, engine.fingerprint, getattr(engine.backbone, "backbone_spec", None),
-                                      base_model=engine.name)
-            entry.stored = self._stored_of_doc(doc, directory)
+            doc, config = read_adapter_config(directory, engine.fingerprint,
+                                              getattr(engine.backbone, "backbone_spec", None), base_model=engine.name)
+            entry.stored = self._stored_of_doc(doc, config, directory)
         except InvalidAdapter as exc:
             entry.reason = exc.detail
         except Exception as exc:  # noqa: BLE001 - any failure to read it means: refused, say why
             entry.reason = f"adapter {name!r} refused: {self._reason(exc, name, directory)}"
         return entry
 
-    def _stored_of_doc(self, doc: dict[str, Any], directory: Path) -> Stored:
+    def _stored_of_doc(self, doc: dict[str, Any], config: Any, directory: Path) -> Stored:
         nbytes, parameters = _tensor_sizes(directory / WEIGHTS_NAME)
         data_config = resolve_config(doc.get("data_config", {}), self.engine.backbone)
         return Stored(version=doc["weights_sha256"][:12], num_classes=doc["num_classes"], labels=list(doc["labels"]),
                       base_model=doc["base_model"], metadata=doc.get("metadata") or {}, method=doc["method"],
-                      config=method_config(doc).to_dict(), data_config=data_config,
+                      config=config.to_dict(), data_config=data_config,
                       transform=self._transform(data_config), nbytes=nbytes, parameters=parameters)
 
     def _folder(self, name: str) -> Path:

@@ -207,16 +207,16 @@ class Service:
         entry = await self.registry.describe(name, refresh=self.watch_store)
         return entry_detail(entry, self._folded(entry))
 
-    async def add_task(self, name: str, config: bytes, weights: bytes, pinned: bool = False,
-                       labels: list[str] | None = None) -> TaskDetail:
+    async def add_task(self, name: str, config: bytes, weights: bytes, labels: list[str] | None = None,
+                       pinned: bool = False) -> TaskDetail:
         """Validate an adapter, write it into the store atomically and serve it (nothing changes if it fails).
 
         Args:
             name: Task name (already validated).
             config: Contents of the adapter's config file (this server's, or PEFT's).
             weights: Contents of its weights file.
-            pinned: Never evict it (until restart, or an upload without the flag).
             labels: Class names of a PEFT adapter (PEFT stores none).
+            pinned: Never evict it (until restart, or an upload without the flag).
         """
         if is_peft_upload(config):  # converted for this backbone, then the same validation and install
             config, weights = await asyncio.to_thread(peft_to_adapter, self.engine, config, weights, labels)

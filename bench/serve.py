@@ -143,8 +143,8 @@ def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int, methods:
     """Write N non-identity adapters (t000..), a spare one and a replacement for t003 into `root`.
 
     The first PROTOTYPES are generated whole (`save_adapter`); the others perturb one of them (a
-    copy of its tensors with a new head bias and one vector redrawn, `clone_adapter`), so 10,000
-    adapters take a minute, not twenty.
+    copy of its tensors with a new head bias and one adapter vector, `clone_adapter`, the
+    prototype's method), so 10,000 adapters take minutes, not an hour.
 
     Args:
         root: Folder that receives `adapters/<name>/` folders.
@@ -187,7 +187,7 @@ def make_store(root: Path, backbone_name: str, seed: int, n_tasks: int, methods:
 
 
 def clone_adapter(prototype: Path, folder: Path, seed: int) -> Path:
-    """A new adapter from a prototype: its tensors with the head bias and one rescaling vector redrawn.
+    """A new adapter from a prototype: its tensors with the head bias and one adapter tensor redrawn.
 
     Written without `save_adapter`'s fsyncs (a benchmark's scratch store), with a valid checksum.
 
@@ -199,8 +199,7 @@ def clone_adapter(prototype: Path, folder: Path, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     tensors = _prototype(prototype)
     tensors = {**tensors, "head.bias": 0.01 * torch.randn(tensors["head.bias"].shape, generator=gen)}
-    # RLRR's row vector where there is one; otherwise (LoRA, BitFit, IA³) the first adapter tensor
-    key = next((k for k in tensors if k.endswith(".rlrr_l")), next(k for k in tensors if not k.startswith("head.")))
+    key = next(k for k in sorted(tensors) if not k.startswith("head."))
     tensors[key] = tensors[key] + 0.1 * torch.randn(tensors[key].shape, generator=gen)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / WEIGHTS_NAME))

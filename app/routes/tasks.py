@@ -51,8 +51,8 @@ async def upload_task(
     `labels`, a JSON array of class names), store it atomically, serve it now (resident)."""
     parts = await read_files(request, settings.max_body_bytes, settings.body_timeout_s)
     config, weights = adapter_files(parts)
-    labels = parse_labels(form_field(parts, "labels"))
-    return await service.add_task(name, config, weights, pinned, labels=labels)
+    return await service.add_task(name, config, weights, labels=parse_labels(form_field(parts, "labels")),
+                                  pinned=pinned)
 
 
 @admin.delete("/{name}", status_code=204, response_class=Response, responses=error_responses(401, 403, 404, 422))

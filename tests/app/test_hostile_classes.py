@@ -320,7 +320,8 @@ def test_scores_are_never_null_and_a_bad_row_fails_alone(demo_store) -> None:
         assert 500 in statuses
         # One batch with a 10-class task: its rows are answered, the overflowing rows fail alone.
         service = client.app.state.service
-        overflow, mnist = (client.portal.call(service.registry.resident, n) for n in ("overflow", "mnist"))
+        # resident versions (a task is only stored until its first request), loaded on the app's loop
+        overflow, mnist = (client.portal.call(service.load_task, name) for name in ("overflow", "mnist"))
         tensors = [overflow.transform(Image.open(io.BytesIO(png)).convert("RGB")) for png in _probe_pngs()]
         items = [BatchItem(task, x, 10) for x in tensors for task in (overflow, mnist)]
         results = service.engine._run_batch(items)
@@ -569,7 +570,8 @@ def test_images_total_counts_only_answered_requests(make_settings, png, monkeypa
         return original(self, items, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_run_batch", second_batch_fails)
-    with TestClient(create_app(make_settings(warmup=False, max_batch_size=1)), raise_server_exceptions=False) as c:
+    settings = make_settings(warmup=False, max_batch_size=1, task_metrics=True)  # per-task series: opt-in
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         files = [("file", (f"{i}.png", png(i), "image/png")) for i in range(2)]
         assert c.post("/classify?task=alpha", files=files).status_code == 500
         assert 'rlrr_images_total{task="alpha"}' not in c.get("/metrics").text

@@ -169,7 +169,7 @@ def test_mixed_method_batch_through_the_engine_equals_each_task_alone(client, fo
     images = [_png(10 + i) for i in range(2 * len(names))]
     items = []
     for i, image in enumerate(images):
-        task = client.portal.call(service.registry.resident, names[i % len(names)])  # loaded if only stored
+        task = client.portal.call(service.load_task, names[i % len(names)])  # resident (loaded if only stored)
         items.append(BatchItem(task, task.transform(Image.open(io.BytesIO(image)).convert("RGB")), CLASSES))
     engine = service.engine
     got = asyncio.run(engine._call(engine._run_batch, items, form, False))
@@ -277,3 +277,19 @@ def test_export_peft_refuses_a_method_peft_lacks(client, tmp_path, capsys) -> No
                          "--store", str(tmp_path / "store")])
     assert code == 2 and "PEFT has no format" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_task_list_names_each_method_before_a_task_is_loaded(backbone, folders, ours, tmp_path) -> None:
+    # Start-up reads configs only (stored tier): the list must still say which method each task is.
+    _, checkpoint = backbone
+    for name, model in ours.items():
+        save_adapter(model, tmp_path / name, base_model=BACKBONE, labels=LABELS)
+    assert trainer_main(["import-peft", str(folders["lora"][0]), "--task", "imported-lora", "--labels",
+                         json.dumps(LABELS), "--store", str(tmp_path), "--backbone", BACKBONE,
+                         "--checkpoint", str(checkpoint)]) == 0
+    settings = Settings(backbone=BACKBONE, checkpoint=checkpoint, store=tmp_path, device="cpu", warmup=False)
+    with TestClient(create_app(settings)) as c:
+        tasks = {t["name"]: t for t in c.get("/tasks").json()["tasks"]}
+    assert {n: t["tier"] for n, t in tasks.items()} == dict.fromkeys(tasks, "stored")
+    assert tasks["imported-lora"]["method"] == "lora"
+    assert {n: tasks[n]["method"] for n in ours} == {"rlrr": "rlrr", "bitfit": "bitfit", "ssf": "rlrr"}  # SSF: an RLRR preset

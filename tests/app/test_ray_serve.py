@@ -128,10 +128,10 @@ def test_v2_through_the_same_front(http: httpx.Client, single: TestClient, png: 
     outputs = lambda answer: {o["name"]: o["data"] for o in answer["outputs"]}
     assert outputs(g)["labels"] == outputs(w)["labels"]
     assert outputs(g)["scores"] == pytest.approx(outputs(w)["scores"], abs=SCORE_TOL)
+    version = w["model_version"]  # the infer answer's (the loop below reuses no name of it)
     for path in ("/v2/models/beta", "/v2/models/beta/ready", "/v2/health/ready", "/v2/models/nope"):
-        g, w = http.get(path), single.get(path)
-        assert (g.status_code, g.json()) == (w.status_code, w.json()), path
-    version = w["model_version"]
+        gr, wr = http.get(path), single.get(path)
+        assert (gr.status_code, gr.json()) == (wr.status_code, wr.json()), path
     assert http.get(f"/v2/models/beta/versions/{version}/ready").status_code == 200
     assert http.post("/v2/models/beta/versions/0000/infer", json=body).status_code == 404
 

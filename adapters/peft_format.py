@@ -57,8 +57,8 @@ def read_peft(config_bytes: bytes, weights_bytes: bytes) -> tuple[dict[str, Any]
     """
     try:
         doc = json.loads(config_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterConfigError(f"adapter_config.json is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
+        raise AdapterConfigError(f"adapter_config.json is not valid JSON: {type(e).__name__}: {e}") from None
     if not is_peft_config(doc):
         raise AdapterConfigError("adapter_config.json has no peft_type: not a PEFT adapter")
     try:

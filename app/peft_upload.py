@@ -23,7 +23,7 @@ def is_peft_upload(config: bytes) -> bool:
     """Whether an uploaded adapter_config.json is PEFT's (cheap: parsed again later either way)."""
     try:
         doc = json.loads(config)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: the usual path says which, as a 422
         return False
     return isinstance(doc, dict) and "peft_type" in doc
 
@@ -38,7 +38,7 @@ def parse_labels(raw: bytes | None) -> list[str] | None:
         return None
     try:
         labels = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         labels = None
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise InvalidAdapter('labels: expected a JSON array of class names, e.g. ["ant", "bee"]')

@@ -651,7 +651,8 @@ def _tensor_sizes(path: Path) -> tuple[int, int]:
         header.pop("__metadata__", None)
         nbytes = sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for v in header.values())
         return nbytes, sum(math.prod(v["shape"]) for v in header.values())
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+            struct.error) as e:
         raise AdapterError(f"{WEIGHTS_NAME} is not a readable safetensors file: {type(e).__name__}: {e}") from None
 
 

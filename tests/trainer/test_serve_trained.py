@@ -81,8 +81,9 @@ def test_server_with_other_kwargs_refuses_it_naming_both(trained_store: Path, vi
 
 
 def test_backbone_kwargs_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLRR_BACKBONE", "vit_pico_patch4_32.cifar5")
     monkeypatch.setenv("RLRR_BACKBONE_KWARGS", json.dumps({"img_size": 32}))
-    assert Settings().backbone_spec().model_kwargs == {}  # the default backbone (pico) is 32 px already
+    assert Settings().backbone_spec().model_kwargs == {}  # the pico backbone is 32 px already: no kwarg
     monkeypatch.setenv("RLRR_BACKBONE", "test_vit")
     assert Settings().backbone_spec().model_kwargs == {"img_size": 32}
     monkeypatch.setenv("RLRR_BACKBONE_KWARGS", "{img_size: 32}")

@@ -656,11 +656,7 @@ def load_adapter(
     """
     directory = Path(directory)
     doc = _read_config(directory)
-    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
-    try:
-        config = config_from_dict(doc["method"], doc[key])
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
+    config = _method_config(doc)
     if backbone_spec is None and backbone is not None:
         backbone_spec = getattr(backbone, "backbone_spec", None)
     spec = _check_backbone(doc, directory.name, backbone, fingerprint, backbone_spec, base_model)
@@ -733,6 +729,15 @@ def _check_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
 
 
 
+def _method_config(doc: dict[str, Any]) -> Any:
+    # The method's config object of a document `_read_config` accepted (its method is known).
+    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
+    try:
+        return config_from_dict(doc["method"], doc[key])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
+
+
 def read_adapter_config(
         directory: str | os.PathLike,
         fingerprint: str | None = None,
@@ -758,10 +763,6 @@ def read_adapter_config(
     """
     directory = Path(directory)
     doc = _read_config(directory)
-    key = _CONFIG_KEY.get(doc["method"], METHOD_CONFIG)
-    try:
-        config = config_from_dict(doc["method"], doc[key])
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{CONFIG_NAME}: invalid {key}: {e}") from None
+    config = _method_config(doc)
     _check_backbone(doc, directory.name, None, fingerprint, backbone_spec, base_model)
     return doc, config

@@ -27,7 +27,19 @@ __all__ = ["TASKS", "GROUPS", "SHARED_DATA", "CACHE", "extract_shared", "prepare
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RLRR_SHARED_DATA", REPO.parent / "shared" / "data"))
-CACHE = REPO / ".cache"
+
+
+def _cache_root() -> Path:
+    # A source checkout keeps its caches beside the code (the git-ignored .cache); an installed
+    # package (site-packages: read-only in the image) uses RLRR_CACHE_DIR or the user's cache folder.
+    if os.environ.get("RLRR_CACHE_DIR"):
+        return Path(os.environ["RLRR_CACHE_DIR"])
+    if (REPO / "pyproject.toml").is_file():
+        return REPO / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlrr-serve"
+
+
+CACHE = _cache_root()
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_SIZE = 1000
 THUMB = 160  # ants-bees photos are stored at this size (square, centre-cropped)

@@ -40,3 +40,17 @@ def test_prepare_digits_builds_disjoint_imagefolder(tmp_path: Path) -> None:
     te = {p.read_bytes() for p in (tmp_path / "digits" / "test").rglob("*.png")}
     assert not tr & te
     assert mini_vtab.prepare_task("digits", tmp_path) == sizes  # second call reuses the cache
+
+
+def test_caches_go_where_they_can_be_written(monkeypatch, tmp_path) -> None:
+    # An installed package (site-packages, read-only in the image) has no pyproject beside it:
+    # its caches go to RLRR_CACHE_DIR, else the user's cache folder, never into the package.
+    from trainer import mini_vtab
+
+    monkeypatch.delenv("RLRR_CACHE_DIR", raising=False)
+    assert mini_vtab._cache_root() == mini_vtab.REPO / ".cache"  # this checkout
+    monkeypatch.setattr(mini_vtab, "REPO", tmp_path / "site-packages")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert mini_vtab._cache_root() == tmp_path / "xdg" / "rlrr-serve"
+    monkeypatch.setenv("RLRR_CACHE_DIR", str(tmp_path / "mine"))
+    assert mini_vtab._cache_root() == tmp_path / "mine"

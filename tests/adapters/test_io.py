@@ -321,3 +321,25 @@ def test_install_and_remove_refuse_names_that_are_not_one_visible_folder(tmp_pat
     with pytest.raises(ValueError, match="one plain, visible folder name"):
         remove_adapter(tmp_path, name)
     assert os.listdir(tmp_path) == []
+
+
+def test_label_fast_path_agrees_with_the_full_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_labels' one-pass ASCII shortcut must accept exactly what the per-label loop accepts.
+    import random
+
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\t", "\x7f", "\x1f", "é", "\u200b", "\ud800", "e\u0301", "A"]
+
+    def outcome(labels: list[str]) -> bool:
+        try:
+            adapter_io.check_labels(labels)
+        except ValueError:
+            return False
+        return True
+
+    lists = [["".join(rng.choices(alphabet, k=rng.randint(0, 3))) for _ in range(rng.randint(1, 4))]
+             for _ in range(3000)]
+    fast = [outcome(labels) for labels in lists]
+    monkeypatch.setattr(adapter_io, "_plain_ascii", lambda labels: False)
+    assert fast == [outcome(labels) for labels in lists]
+    assert any(fast) and not all(fast)  # both outcomes exercised

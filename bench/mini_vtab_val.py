@@ -1,7 +1,8 @@
-"""RLRR vs SSF on mini-VTAB with lr selected on a validation split (never on test).
+"""RLRR vs SSF (and any other trainer method: linear, lora, bitfit, ia3, full) on mini-VTAB, lr selected on val.
 
     python bench/mini_vtab_val.py                                  # 8 tasks x 2 methods x 3 lr, 2-3 min a run
     python bench/mini_vtab_val.py --tasks mnist --inits reference identity --lrs 1e-3 3e-3 1e-2
+    python bench/mini_vtab_val.py --methods lora bitfit          # LoRA (r = 8, alpha 16) and BitFit rows
     python bench/mini_vtab_val.py --refit --export-store demo/store   # + retrain the selected lr on all 1,000
     python bench/mini_vtab_val.py --backbone vit_hybrid_efflite0_128.distilled --train-cap 400 --test-cap 300 \
         --cache-only                                               # the hybrid's stem features, once per image
@@ -40,12 +41,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from trainer.config import METHODS as ALL_METHODS  # noqa: E402
 from trainer.loop import TrainConfig, train  # noqa: E402
 from trainer.mini_vtab import CACHE, TASKS, prepare  # noqa: E402
 from trainer.tasks import Task  # noqa: E402
 
 BACKBONE = "vit_pico_patch4_32.cifar5"  # --backbone; the served default is vit_hybrid_efflite0_128.distilled
-METHODS = ("ssf", "rlrr")
+METHODS = ("ssf", "rlrr")  # the default pair; --methods takes any of the trainer's (ALL_METHODS)
 # {1e-3, 3e-3, 1e-2} selected its top for both methods (2026-11-25); so did {1e-2, 3e-2} on most tasks
 # (2026-11-30), while 3e-3 never won. See bench/README.md.
 LRS = (1e-2, 3e-2, 1e-1)
@@ -265,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=list(TASKS), help="in run order")
-    ap.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", choices=ALL_METHODS, default=list(METHODS))
     ap.add_argument("--lrs", nargs="*", type=float, default=list(LRS), help="grid, in run order")
     ap.add_argument("--inits", nargs="*", choices=("reference", "identity"), default=["reference"],
                     help="rlrr init policies to grid over")

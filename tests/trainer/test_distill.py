@@ -69,3 +69,16 @@ def test_pretrain_trains_resumes_and_writes_weights_and_card(tmp_path: Path) -> 
     weights = load_file(str(tmp_path / "out" / HYBRID_WEIGHTS.name))
     assert weights and not any(k.startswith("patch_embed.backbone.") for k in weights)
     assert all(v.dtype == torch.float16 for v in weights.values())
+
+
+def test_rank_ceiling_is_exact_at_full_rank_and_lower_when_narrow() -> None:
+    # The teacher's logits are a linear map of its pooled features, so a full-rank readout agrees
+    # everywhere; a rank-2 one cannot rank 1000 classes and agrees far less often.
+    teacher = lite0_teacher().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sets = [teacher_head(teacher, torch.rand(n, 320, 4, 4, generator=gen) * 3) for n in (1600, 200)]
+    train = {"logits": sets[0][0], "pooled": sets[0][1]}
+    evals = {"eval": {"logits": sets[1][0], "pooled": sets[1][1]}}
+    out = distill.rank_ceiling(train, evals, [2, 1000], lam=1e-6)
+    assert out[1000]["eval"] >= 0.95 and out[2]["eval"] < out[1000]["eval"] - 0.2

@@ -122,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m trainer pretrain --backbone " + HYBRID_NAME.split(".")[0],
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default=HYBRID_NAME.split(".")[0])
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup-epochs", type=float, default=1.0)
+    ap.add_argument("--warmup-epochs", type=float, default=0.2)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--mixup", type=float, default=0.5, help="fraction of each batch mixed with another image")
     ap.add_argument("--seed", type=int, default=0)
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     flag = lambda k, v: (f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k} {v}")
-    command = "python -m trainer.stem_cache && python -m trainer pretrain " + " ".join(
+    command = "python -m trainer.stem_cache (~17 min) && python -m trainer pretrain " + " ".join(
         flag(k.replace("_", "-"), v) for k, v in vars(args).items() if k not in NOT_RECIPE)
     train, evals = load_sets(args.cache)
     if args.rank_ceiling:

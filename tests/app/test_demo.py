@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -56,3 +57,18 @@ def test_served_accuracy_matches_the_recorded_test_accuracy(demo_client: TestCli
     recorded = demo_client.get("/tasks/digits").json()["metrics"]["test_top1"]
     assert served > 10.0 * 3  # far above chance (10 classes)
     assert abs(served - recorded) < SERVED_VS_RECORDED_TOL, (served, recorded)
+
+
+def test_demo_adapters_name_no_path_of_the_machine_that_trained_them() -> None:
+    # A shipped store holds no run folders (metadata["training"]): `trainer report` on a clone must
+    # say the adapter records none, not draw whatever sits at that path on another machine.
+    def strings(node: object) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        values = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+        return [s for v in values for s in strings(v)]
+
+    for config in sorted(DEMO_STORE.glob("*/adapter_config.json")):
+        metadata = json.loads(config.read_text())["metadata"]
+        assert "training" not in metadata, config.parent.name
+        assert not [s for s in strings(metadata) if s.startswith("/")], config.parent.name

@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/data/hf \
     RLRR_STORE=/data/store \
+    RLRR_COSTS_FILE=/data/store/.plan-costs.json \
     RLRR_HOST=0.0.0.0 \
     RLRR_PORT=8000
 

@@ -10,6 +10,7 @@ import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -19,6 +20,7 @@ from .errors import AdapterShapeError, AdapterValueError
 from .inject import adapter_state_dict, base_module, patch_conv_path, unwrap, wrapped_config
 from .methods import Forms, LinearForm, method_of
 from .names import HEAD_NAMES
+from .packed import PackedTensors
 
 __all__ = ["fold_adapter", "fold_linear", "check_bounds", "weight_bounds", "merge_rlrr", "merge_adapter",
            "adapter_forms", "VALUE_LIMIT"]
@@ -160,6 +162,9 @@ def weight_bounds(backbone: nn.Module, config: RLRRConfig | None = None) -> dict
 
 
 def _peaks(tensors: Mapping[str, torch.Tensor], limit: float) -> dict[str, float]:
+    packed = _packed_peaks(tensors, limit)
+    if packed is not None:
+        return packed
     peaks = {}
     for name, value in tensors.items():
         if not value.is_floating_point():
@@ -172,6 +177,24 @@ def _peaks(tensors: Mapping[str, torch.Tensor], limit: float) -> dict[str, float
                                     "within: its outputs would not be finite")
         peaks[name] = peak
     return peaks
+
+
+def _packed_peaks(tensors: Mapping[str, torch.Tensor], limit: float) -> dict[str, float] | None:
+    # One pass over a PackedTensors' flat buffer instead of ~4 tiny ops per tensor: ~200 tensors of a
+    # ViT-S task cost ~10 ms one by one, most of a task's load. None (the per-tensor path, which also
+    # names the offender) when the tensors are not packed or a value is out of bounds.
+    if not isinstance(tensors, PackedTensors) or not tensors.flat.is_floating_point():
+        return None
+    flat = tensors.flat.detach().abs().float()  # (P,)
+    if not bool(torch.isfinite(flat).all()) or (flat.numel() and flat.max().item() > limit):
+        return None
+    spans = [(name, offset, numel) for name, (offset, numel, _) in tensors.layout.items()]
+    starts = [offset for _, offset, numel in spans if numel]
+    maxima = np.maximum.reduceat(flat.cpu().numpy(), starts).tolist() if starts else []  # one max per tensor
+    found = iter(maxima)
+    peaks = {name: (next(found) if numel else 0.0) for name, _, numel in spans}
+    separate = _peaks(tensors.separate, limit) if tensors.separate else {}
+    return {**peaks, **separate}
 
 
 def _rlrr_forms(config: RLRRConfig, bounds: Mapping[str, float], tensors: Mapping[str, torch.Tensor]) -> Forms:

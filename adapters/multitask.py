@@ -42,7 +42,7 @@ from .inject import base_module, patch_conv_path, plan_targets
 from .merge import adapter_forms
 from .methods import Forms
 from .names import HEAD_NAMES
-from .packed import PackedTensors
+from .packed import PackedTensors, shape_of
 from .wrap import adapter_shapes
 
 __all__ = ["MultiTaskViT", "TaskHandle", "Batch"]
@@ -477,8 +477,8 @@ class MultiTaskViT(nn.Module):
     def _check(self, tensors: Mapping[str, torch.Tensor], config: Any, num_classes: int) -> None:
         shapes = adapter_shapes(self.model, config, num_classes)
         for key, shape in shapes.items():
-            if key not in tensors or tuple(tensors[key].shape) != shape:
-                got = None if key not in tensors else tuple(tensors[key].shape)
+            got = shape_of(tensors, key)
+            if got != shape:
                 raise AdapterShapeError(f"adapter tensor '{key}': expected shape {shape}, got {got}")
 
     def _check_slots(self, forms: Forms) -> None:

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .config import RLRRConfig
 from .errors import AdapterModelError
-from .inject import check_supported, feature_dim
+from .inject import check_supported, feature_dim, memoised
 from .methods import method_of
 from .names import HEAD_NAMES
 
@@ -22,7 +22,7 @@ def adapter_shapes(model: nn.Module, config: Any, num_classes: int) -> dict[str,
         config: The adapter configuration (any method's).
         num_classes: Classes of the task head.
     """
-    shapes = method_of(config).shapes(model, config)
+    shapes = dict(memoised(model, ("shapes", config), lambda: method_of(config).shapes(model, config)))
     head_weight, head_bias = HEAD_NAMES
     shapes[head_weight] = (num_classes, feature_dim(model))
     shapes[head_bias] = (num_classes,)

@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -37,6 +38,7 @@ from adapters import (
     weight_bounds,
 )
 from app.cache import MergedCache, Weights
+from app.costs_file import machine_key, read_costs, write_costs
 from app.errors import AdapterFailure
 from app.metrics import Metrics
 from app.planner import Costs, Form, Planner
@@ -67,6 +69,8 @@ class Engine:
         cache_bytes: Budget of the merged-weights cache (hot tasks only; speed does not need it).
         metrics: The app's metrics.
         calibration_batch: Batch size `warm_up` times each form at (the batcher's largest).
+        costs_file: Where measured plan costs are kept for the next start (app.costs_file); None: measure
+            on every start.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Engine:
         cache_bytes: int,
         metrics: Metrics,
         calibration_batch: int = 8,
+        costs_file: Path | None = None,
     ) -> None:
         ref = next(backbone.parameters())
         self.backbone = backbone
@@ -94,6 +99,8 @@ class Engine:
         self.cache = MergedCache(cache_bytes, metrics)
         self.multi = MultiTaskViT(backbone)
         self.calibration_batch = calibration_batch
+        self.costs_file = costs_file
+        self.costs_source = "prior"  # then "measured" or "file" after warm-up
         self._bounds = weight_bounds(backbone)  # max|W| per adaptable layer, for the load-time check
         # A task version's handle lives exactly as long as its LoadedTask (the registry's, or a queued batch's).
         self._handles: weakref.WeakKeyDictionary[LoadedTask, TaskHandle] = weakref.WeakKeyDictionary()
@@ -122,7 +129,7 @@ class Engine:
         backbone = backbone.to(device=device, dtype=dtype)
         return cls(backbone, name=settings.backbone, fingerprint=fingerprint, random_weights=random_weights,
                    strategy=settings.strategy, cache_bytes=settings.merged_cache_bytes, metrics=metrics,
-                   calibration_batch=settings.max_batch_size)
+                   calibration_batch=settings.max_batch_size, costs_file=settings.costs_file)
 
     # -- called from the event loop -------------------------------------------------------------
 
@@ -271,11 +278,19 @@ class Engine:
         # a per-call cost (on CPU the call cost is ~0; on a GPU small batches are all call). The
         # unmerged form is timed for a rescaling task (two GEMMs) and for a task without an l cᵀ term
         # (LoRA, BitFit: one GEMM plus per-segment shrink/expand) when such tasks are loaded; the other
-        # gets a prior. Kept small: it is most of a server's start-up time on CPU.
+        # gets a prior (or what an earlier start measured). It is most of a server's start-up time on
+        # CPU, so what it measured is kept in `costs_file` and read back by the next start.
         handles = [self._handle(t) for t in tasks]
         rescaling = next((h for h in handles if h.rescales), None)
         plain = next((h for h in handles if not h.rescales), None)
         big = max(1, min(self.calibration_batch, 4))
+        key = machine_key(self.fingerprint, self.device, self.dtype, big)
+        stored = read_costs(self.costs_file, key)
+        needed = {k for k, h in (("rescaling", rescaling), ("plain", plain)) if h is not None}
+        if stored is not None and needed <= set(stored["kinds"]):
+            self.costs, self.costs_source = Costs(**stored["costs"]), "file"
+            self._announce_costs(f"read from {self.costs_file}")
+            return
         x = image[None].to(self.device, self.dtype).expand(big, *image.shape).contiguous()
         c = self.costs
         c.segmented_row, c.segmented_call = self._time_form("segmented", handles[0], x)
@@ -284,17 +299,24 @@ class Engine:
         if plain is not None:
             c.plain_row, call = self._time_form("unmerged", plain, x)
             c.unmerged_call = call if rescaling is None else c.unmerged_call
-        if rescaling is None:
-            c.unmerged_row = 2 * c.segmented_row  # prior: the two-matmul form is ~2x the FLOPs
-        if plain is None:
-            c.plain_row = 1.05 * c.segmented_row  # prior: one GEMM plus thin shrink/expand
+        known = set(stored["kinds"]) if stored is not None else set()
+        if rescaling is None:  # an earlier start's measurement, else the prior: the two-matmul form is ~2x
+            c.unmerged_row = stored["costs"]["unmerged_row"] if "rescaling" in known else 2 * c.segmented_row
+        if plain is None:  # ... else one GEMM plus thin shrink/expand
+            c.plain_row = stored["costs"]["plain_row"] if "plain" in known else 1.05 * c.segmented_row
         c.merged_row, c.merged_call = c.segmented_row, c.segmented_call  # priced as a segmented pass (upper bound)
         c.segment = max(self._best(lambda: self.multi.fold_segment(h), 3) for h in {rescaling, plain} - {None})  # noqa: B023
+        self.costs_source = "measured"
+        write_costs(self.costs_file, key, c, sorted(needed | known))
+        self._announce_costs("measured")
+
+    def _announce_costs(self, source: str) -> None:
+        c = self.costs
         for name, value in vars(c).items():
             self.metrics.auto_cost.labels(name).set(value)
-        log.info("plan costs (ms): segmented %.1f/row + %.1f/call + %.1f/group, unmerged %.1f/row (%.1f without a "
-                 "rescale) + %.1f/call", *(1e3 * v for v in (c.segmented_row, c.segmented_call, c.segment,
-                                                           c.unmerged_row, c.plain_row, c.unmerged_call)))
+        log.info("plan costs (ms, %s): segmented %.1f/row + %.1f/call + %.1f/group, unmerged %.1f/row (%.1f "
+                 "without a rescale) + %.1f/call", source, *(1e3 * v for v in (
+                     c.segmented_row, c.segmented_call, c.segment, c.unmerged_row, c.plain_row, c.unmerged_call)))
 
     def _time_form(self, form: Form, handle: TaskHandle, x: torch.Tensor) -> tuple[float, float]:
         """(per row, per call) seconds of one task's rows in a form."""

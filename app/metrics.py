@@ -58,6 +58,8 @@ class Metrics:
         self.tasks_resident = Gauge("rlrr_tasks_resident", "Tasks whose tensors are in memory.", registry=r)
         self.tasks_folded = Gauge("rlrr_tasks_folded", "Tasks in the merged-weights cache.", registry=r)
         self.tasks_pinned = Gauge("rlrr_tasks_pinned", "Tasks never evicted.", registry=r)
+        self.tasks_unread = Gauge("rlrr_tasks_unread", "Tasks listed in the store whose configs the background "
+                                  "scan after start-up has not read yet (RLRR_STARTUP_CONFIGS).", registry=r)
         self.resident_bytes = Gauge("rlrr_resident_bytes", "Bytes of resident adapter tensors.", registry=r)
         self.resident_budget = Gauge("rlrr_resident_budget_bytes", "RLRR_RESIDENT_BYTES.", registry=r)
         self.load_seconds = Histogram("rlrr_adapter_load_seconds", "Time to make a stored task resident.",

@@ -161,10 +161,14 @@ class Registry:
         engine: The engine that runs the tasks.
         budget: Byte budget of resident tensors (`RLRR_RESIDENT_BYTES`).
         pinned: Tasks loaded at start-up and never evicted (`RLRR_PINNED_TASKS`).
+        startup_configs: Configs read before `load_store` returns; the rest are read by a background scan
+            (`RLRR_STARTUP_CONFIGS`).
     """
 
-    def __init__(self, store: Path, engine: Engine, budget: int = 2**30, pinned: Iterable[str] = ()) -> None:
+    def __init__(self, store: Path, engine: Engine, budget: int = 2**30, pinned: Iterable[str] = (),
+                 startup_configs: int = 1000) -> None:
         self.store = store
+        self.startup_configs = startup_configs
         self.engine = engine
         self.budget = budget
         self.pinned = set(pinned)
@@ -173,6 +177,11 @@ class Registry:
         self._bytes = 0  # resident tensors, pinned included
         self._freed = 0  # evicted since the last heap trim
         self._names: list[str] | None = None  # sorted entry names, rebuilt after a change
+        # Listed at start-up, config not read yet: the background scan reads them, and anything that needs
+        # one sooner (a request, a page of the list) reads it at once. A name leaves this set when its entry
+        # is read or changed by anyone, so a scan's read never overwrites a newer entry or revives a deleted one.
+        self._pending: set[str] = set()
+        self.scan: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one admin change at a time
         self._transforms: dict[str, Transform] = {}  # data config (JSON) -> its probed transform
         self._gauges()
@@ -194,10 +203,25 @@ class Registry:
         return self._bytes
 
     def names(self) -> list[str]:
-        """Every task of the store (servable or refused), sorted."""
+        """Every task of the store (servable or refused; configs not read yet included), sorted."""
         if self._names is None:
-            self._names = sorted(self.entries)
+            self._names = sorted(self.entries.keys() | self._pending)
         return self._names
+
+    def known(self, name: str) -> Entry | None:
+        """A listed task's entry, reading its config now if the background scan has not yet (None: unlisted).
+
+        Args:
+            name: Task name.
+        """
+        if name in self._pending:
+            self._settle(self._read_entry(name))  # ~1 ms, on the caller's thread: only while the scan runs
+        return self.entries.get(name)
+
+    @property
+    def pending(self) -> int:
+        """Listed tasks whose configs the background scan has not read yet."""
+        return len(self._pending)
 
     def page(self, after: str | None, limit: int, contains: str | None = None) -> tuple[list[Entry], int]:
         """A page of entries in name order, and how many match in all.
@@ -212,7 +236,8 @@ class Registry:
             needle = contains.lower()
             names = [n for n in names if needle in n.lower()]
         start = bisect.bisect_right(names, after) if after else 0
-        return [self.entries[n] for n in names[start:start + limit]], len(names)
+        page = [self.known(n) for n in names[start:start + limit]]
+        return [e for e in page if e is not None], len(names)
 
     def check(self, name: str) -> None:
         """Refuse an unknown or refused task before anything is read, and start loading a stored one.
@@ -222,7 +247,7 @@ class Registry:
         Args:
             name: Task name.
         """
-        entry = self.entries.get(name)
+        entry = self.known(name)
         if entry is not None and entry.reason is not None and self.signature(name) != entry.signature:
             del self.entries[name]  # its files changed since it was refused: read them again
             self._names = None
@@ -266,6 +291,8 @@ class Registry:
             refresh: Compare the store's copy with the known one first (see `resident`).
         """
         entry = self.entries.get(name)
+        if entry is None and name in self._pending:
+            entry = await self._read_pending(name)
         if entry is not None and (refresh or entry.reason is not None) and self.signature(name) != entry.signature:
             await self._forget(entry)
             entry = None
@@ -285,31 +312,73 @@ class Registry:
             entry.busy += delta
 
     async def load_store(self) -> None:
-        """Remove leftovers of interrupted changes, read every adapter's config (not its tensors),
-        then load the pinned tasks; refuse (and remember why) those that do not fit."""
+        """Remove leftovers of interrupted changes, read the adapters' configs (not their tensors; beyond
+        `startup_configs`, in a background scan), then load the pinned tasks; refuse (and remember why)
+        those that do not fit."""
         self.store.mkdir(parents=True, exist_ok=True)
         for leftover in await asyncio.to_thread(remove_stale_uploads, self.store):
             log.warning("removed %s: left in the store by an interrupted upload, replace or delete", leftover)
         names = await asyncio.to_thread(self.stored_names)
+        self._pending.update(names)
+        self._names = None
+        now = sorted(self.pinned & self._pending) + [n for n in names[:self.startup_configs] if n not in self.pinned]
         start = time.perf_counter()
         # Chunks on the default pool's threads: their file reads overlap (a start-up with 10,000
         # tasks is ~5 file operations each, bound by the disk's latency more than by the CPU), and
         # the loop answers /healthz meanwhile.
-        chunks = [names[c:c + 64] for c in range(0, len(names), 64)]
+        chunks = [now[c:c + 64] for c in range(0, len(now), 64)]
         for entries in await asyncio.gather(*(asyncio.to_thread(self._read_entries, c) for c in chunks)):
-            self.entries.update((e.name, e) for e in entries)
-        self._names = None
-        for name, reason in self.skipped.items():
-            log.warning("skipped adapter %s: %s", name, reason)
-        log.info("read %d adapter configs in %.1f s", len(names), time.perf_counter() - start)
+            for entry in entries:
+                self._settle(entry)
+        log.info("read %d of %d adapter configs in %.1f s%s", len(now), len(names), time.perf_counter() - start,
+                 f"; the other {len(self._pending)} are read in the background" if self._pending else "")
+        self._log_refused(now)
         for name in sorted(self.pinned):
             await self._pin_at_start(name)
+        if self._pending:
+            self.scan = asyncio.get_running_loop().create_task(self._scan())
+
+    async def close(self) -> None:
+        """Stop the background scan (if it still runs)."""
+        if self.scan is not None and not self.scan.done():
+            self.scan.cancel()
+            await asyncio.gather(self.scan, return_exceptions=True)
+
+    async def _scan(self) -> None:
+        # One chunk at a time on one worker thread: the default pool stays free for the loads and
+        # uploads that requests start meanwhile, and those read their own task first (`known`).
+        start, count = time.perf_counter(), len(self._pending)
+        while self._pending:
+            chunk = sorted(self._pending)[:256]
+            entries = await asyncio.to_thread(self._read_entries, chunk)
+            for entry in entries:
+                self._settle(entry)
+        self._log_refused(self.names())
+        log.info("background scan read %d adapter configs in %.1f s", count, time.perf_counter() - start)
+
+    def _settle(self, entry: Entry) -> None:
+        # A read entry becomes the task's, unless someone else read or changed the task meanwhile.
+        if entry.name in self._pending:
+            self._pending.discard(entry.name)
+            self.entries[entry.name] = entry
+            self._names = None
+
+    async def _read_pending(self, name: str) -> Entry | None:
+        entry = await asyncio.to_thread(self._read_entry, name)
+        self._settle(entry)
+        return self.entries.get(name)
+
+    def _log_refused(self, names: Iterable[str]) -> None:
+        for name in names:
+            entry = self.entries.get(name)
+            if entry is not None and entry.reason is not None:
+                log.warning("skipped adapter %s: %s", name, entry.reason)
 
     async def warm_task(self) -> LoadedTask | None:
         """A resident task to warm up with (a pinned one, else the first servable one made resident)."""
         if self.tasks:
             return next(iter(self.tasks.values()))
-        first = next((n for n in self.names() if self.entries[n].reason is None), None)
+        first = next((n for n in self.names() if (e := self.known(n)) is not None and e.reason is None), None)
         if first is None:
             return None
         try:
@@ -478,6 +547,7 @@ class Registry:
 
     async def _replace(self, name: str, entry: Entry | None) -> None:
         # Requests admitted with the version it replaces still finish with it (see Engine.retire).
+        self._pending.discard(name)  # a scan's read of the old files must not come back
         old = self.entries.pop(name, None)
         if entry is not None:
             self.entries[name] = entry
@@ -495,6 +565,7 @@ class Registry:
     async def _discover(self, name: str) -> Entry:
         self._folder(name)  # 404 unless the store holds it
         entry = await asyncio.to_thread(self._read_entry, name)
+        self._pending.discard(name)
         current = self.entries.setdefault(name, entry)  # two requests may discover it at once: one wins
         self._names = None
         if current is entry:
@@ -502,7 +573,7 @@ class Registry:
         return current
 
     async def _pin_at_start(self, name: str) -> None:
-        entry = self.entries.get(name)
+        entry = self.known(name)
         if entry is None:
             log.warning("pinned task %s is not in the store %s", name, self.store)
             return
@@ -551,8 +622,8 @@ class Registry:
         return UnknownTask(f"unknown task {name!r}", tasks=self._shown())
 
     def _shown(self) -> list[str]:
-        return [n for n in itertools.islice(self.names(), NAMES_SHOWN * 2) if self.entries[n].reason is None][
-            :NAMES_SHOWN]
+        return [n for n in itertools.islice(self.names(), NAMES_SHOWN * 2)
+                if (e := self.known(n)) is not None and e.reason is None][:NAMES_SHOWN]
 
     async def _load(self, name: str, directory: Path, prepare: bool = True) -> LoadedTask:
         engine = self.engine
@@ -626,10 +697,12 @@ class Registry:
         m, entries = self.engine.metrics, self.entries
         m.adapters_loaded.set_function(lambda: sum(e.reason is None for e in entries.values()))
         m.adapters_skipped.set_function(lambda: sum(e.reason is not None for e in entries.values()))
-        m.tasks_stored.set_function(lambda: sum(e.reason is None for e in entries.values()))
+        # listed tasks not read yet count as stored (servable until their config says otherwise)
+        m.tasks_stored.set_function(lambda: sum(e.reason is None for e in entries.values()) + len(self._pending))
         m.tasks_resident.set_function(lambda: sum(e.resident is not None for e in entries.values()))
         m.tasks_folded.set_function(lambda: len(self.engine.cache))
         m.tasks_pinned.set_function(lambda: sum(e.pinned for e in entries.values()))
+        m.tasks_unread.set_function(lambda: len(self._pending))
         m.resident_bytes.set_function(lambda: self._bytes)
         m.resident_budget.set(self.budget)
 

@@ -93,9 +93,9 @@ class Service:
         self.engine = await asyncio.to_thread(Engine.from_settings, settings, metrics)
         _announce(self.engine, metrics)
         self.registry = registry = Registry(settings.store, self.engine, settings.resident_bytes,
-                                            settings.pinned_tasks)
+                                            settings.pinned_tasks, settings.startup_configs)
         await registry.load_store()
-        log.info("%d task(s) in %s (%d pinned, %d skipped); resident budget %.0f MiB", len(registry.entries),
+        log.info("%d task(s) in %s (%d pinned, %d skipped so far); resident budget %.0f MiB", len(registry.names()),
                  settings.store, sum(e.pinned for e in registry.entries.values()), len(registry.skipped),
                  settings.resident_bytes / 2**20)
         if settings.warmup:
@@ -113,6 +113,7 @@ class Service:
     async def close(self) -> None:
         """Stop taking requests, finish the queued ones, free the backbone."""
         self.ready = False
+        await self.registry.close()
         await self.batcher.close()
         self.preprocessor.close()
         self.engine.close()
@@ -121,7 +122,7 @@ class Service:
         """The number of tasks it can serve (in any tier); `NotReady` while starting or stopping."""
         if not self.ready:
             raise NotReady("not ready")
-        return len(self.registry.entries) - len(self.registry.skipped)
+        return len(self.registry.names()) - len(self.registry.skipped)
 
     def admit(self, task: str) -> None:
         """Refuse a request before its body is read (unknown task, no room in the queue); start loading a

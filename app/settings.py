@@ -6,6 +6,7 @@ Nothing else in `app/` reads the environment.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,6 +47,10 @@ class Settings(BaseSettings):
         2**30, ge=0, description="Byte budget of resident adapters (tensors in memory, beyond their config); "
         "beyond it the least recently used unpinned ones are evicted and reloaded on their next request. "
         "1 GiB holds ~1,400 ViT-S/16 or ~850 ViT-B/16 adapters.")
+    startup_configs: int = Field(
+        500, ge=0, description="Adapter configs read before the server reports ready; a larger store's other "
+        "configs are read by a background scan while it serves (a request or a page of GET /tasks reads the ones "
+        "it needs at once), so start-up time does not grow with the store.")
     pinned_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Tasks loaded at start-up and never evicted (comma-separated "
         "names; PUT /tasks/NAME?pinned=true pins an uploaded one until restart).")
@@ -68,6 +73,12 @@ class Settings(BaseSettings):
     )
     preprocess_workers: int = Field(4, ge=1, description="Threads that decode and resize images.")
     warmup: bool = Field(True, description="Run one batch per strategy before reporting ready.")
+    # Timing the forms is most of a CPU start-up, and the same on every start of one backbone on one
+    # machine: measured once, kept here (keyed by backbone, device, dtype, threads, torch), read back.
+    costs_file: Path | None = Field(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlrr-serve" / "plan-costs.json",
+        description="File of plan costs measured at warm-up, reused by later starts of the same backbone on "
+        "the same device (`off`: measure on every start).")
 
     # Requests
     admin_token: SecretStr | None = Field(None, description="Bearer token for PUT/DELETE /tasks; unset = disabled.")
@@ -136,6 +147,11 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [name.strip() for name in text.split(",") if name.strip()]
         return value
+
+    @field_validator("costs_file", mode="before")
+    @classmethod
+    def _off_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("off", "none", "") else value
 
     @field_validator("checkpoint", "admin_token", mode="before")
     @classmethod

@@ -53,11 +53,48 @@ METHODS = ("ssf", "rlrr")  # the default pair; --methods takes any of the traine
 LRS = (1e-2, 3e-2, 1e-1)
 
 
-def grid(methods: list[str], lrs: list[float], inits: list[str]) -> list[tuple[str, float, str]]:
+def parse_method_lrs(items: list[str]) -> dict[str, list[float]]:
+    """`METHOD=LR,LR` items (e.g. `full=3e-4,1e-3`) -> {method: grid}; a method not named uses --lrs.
+
+    Why: one grid cannot suit every method. Full fine-tuning at an adapter's lr (1e-2) wrecks the
+    backbone in a few steps, and LoRA's B A product wants a smaller step than a rescaling vector.
+    """
+    out: dict[str, list[float]] = {}
+    for item in items:
+        method, sep, lrs = item.partition("=")
+        if not sep or method not in ALL_METHODS or not lrs:
+            raise SystemExit(f"--method-lrs wants METHOD=LR[,LR...] with a trainer method, got {item!r}")
+        out[method] = [float(x) for x in lrs.split(",")]
+    return out
+
+
+def selections(path: Path, tasks: list[str], methods: list[str]) -> dict[str, list[tuple[str, float, str]]]:
+    """Per task, the (method, lr, init) that another run's grid selected on val (its mini_vtab_val.json).
+
+    For a second seed at the first seed's selection: it measures how far test accuracy moves with the
+    seed (data subset, split, init, order) at a fixed lr, at a fraction of a full grid's cost.
+    """
+    rows = json.loads(path.read_text())["rows"]
+    out: dict[str, list[tuple[str, float, str]]] = {}
+    for task in tasks:
+        out[task] = []
+        for method in methods:
+            best = select(rows, task, method)
+            if best is None:
+                raise SystemExit(f"{path} has no {method} run of {task} to take the lr from")
+            out[task].append((method, best["lr"], best["init"]))
+    return out
+
+
+def grid(methods: list[str], lrs: list[float], inits: list[str],
+         method_lrs: dict[str, list[float]] | None = None) -> list[tuple[str, float, str]]:
     """(method, lr, init) points in run order: lr outermost, in the order given, so that an interrupted
     run has compared the methods at the lrs listed first. Only rlrr has an init choice (SSF's is
-    fixed: N(1, .02) / N(0, .02))."""
-    return [(m, lr, init) for lr in lrs for m in methods for init in (inits if m == "rlrr" else ["reference"])]
+    fixed: N(1, .02) / N(0, .02)). `method_lrs` replaces `lrs` for the methods it names (the i-th lr
+    of each method's grid runs in the i-th round)."""
+    per = {m: (method_lrs or {}).get(m, lrs) for m in methods}
+    return [(m, per[m][i], init) for i in range(max(len(v) for v in per.values())) for m in methods
+            if i < len(per[m]) for init in (inits if m == "rlrr" else ["reference"])]
 
 
 def _link_all(files: list[Path], dest: Path) -> None:
@@ -251,6 +288,36 @@ def tables(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], n_p
     return "\n".join(lines)
 
 
+def combine(paths: list[Path], methods: list[str], tasks: list[str]) -> str:
+    """Markdown: each method's val-selected test accuracy per task, the mean over runs (seeds) and their spread.
+
+    Args:
+        paths: mini_vtab_val.json of runs with different seeds (a full grid, or `--selected-from` the first).
+        methods: Method order.
+        tasks: Task order.
+    """
+    runs = [json.loads(p.read_text()) for p in paths]
+    seeds = [r["seed"] for r in runs]
+    head = ["method", *tasks, "mean", f"mean per seed ({', '.join(map(str, seeds))})"]
+    lines = [f"Test top-1 at the lr selected on val, mean over seeds {seeds} (± half the range where both ran).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in methods:
+        cells, per_seed = [], [[] for _ in runs]
+        for task in tasks:
+            got = [b["test_top1"] for b in (select(r["rows"], task, method) for r in runs) if b is not None]
+            for i, r in enumerate(runs):
+                b = select(r["rows"], task, method)
+                if b is not None:
+                    per_seed[i].append(b["test_top1"])
+            cells.append(f"{sum(got) / len(got):.1f}" + (f" ± {(max(got) - min(got)) / 2:.1f}" if len(got) > 1 else "")
+                         if got else "-")
+        means = [sum(v) / len(v) for v in per_seed if len(v) == len(tasks)]
+        total = f"{sum(means) / len(means):.1f}" if means else "-"
+        seeds_cell = " / ".join(f"{m:.1f}" for m in means)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {total} | {seeds_cell} |")
+    return "\n".join(lines)
+
+
 def _drop_run_paths(config: Path) -> None:
     # metadata["training"] names this machine's run folder (curves, log): meaningless in a shipped
     # store, and `trainer report` would draw another machine's files if the same path existed there.
@@ -278,6 +345,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=list(TASKS), help="in run order")
     ap.add_argument("--methods", nargs="*", choices=ALL_METHODS, default=list(METHODS))
     ap.add_argument("--lrs", nargs="*", type=float, default=list(LRS), help="grid, in run order")
+    ap.add_argument("--method-lrs", nargs="*", default=[], metavar="METHOD=LR,LR",
+                    help="a method's own grid instead of --lrs, e.g. full=3e-4,1e-3 lora=3e-3,1e-2")
+    ap.add_argument("--selected-from", type=Path, metavar="JSON",
+                    help="train only the lr each task and method selected in another run (its mini_vtab_val.json)")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="train nothing: the table over runs of several seeds (their mini_vtab_val.json)")
     ap.add_argument("--inits", nargs="*", choices=("reference", "identity"), default=["reference"],
                     help="rlrr init policies to grid over")
     ap.add_argument("--backbone", default=BACKBONE, help="timm name of the frozen backbone")
@@ -304,6 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Grid (and refits) on the val split, the table, and the export of the selected adapters."""
     args = parse_args(argv)
+    if args.combine:
+        print(combine(args.combine, args.methods, args.tasks))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -321,15 +397,18 @@ def main(argv: list[str] | None = None) -> int:
               f"val {row['val_top1'] if row['val_top1'] is not None else float('nan'):5.1f} "
               f"test {row['test_top1']:5.1f}  ({time.time() - t0:.0f}s so far)", flush=True)
 
-    points = grid(args.methods, args.lrs, args.inits)
+    points = grid(args.methods, args.lrs, args.inits, parse_method_lrs(args.method_lrs))
     n_points = {m: sum(p[0] == m for p in points) for m in args.methods}
+    chosen = selections(args.selected_from, args.tasks, args.methods) if args.selected_from else None
+    if chosen is not None:
+        n_points = dict.fromkeys(args.methods, 1)
     for task in args.tasks:
         src = capped(data / task, args.out / "capped" / task, args.train_cap, args.test_cap, args.seed)
         holdout(src, args.out / "data" / task, seed=args.seed)
         if args.cache_only:
             fill_stem_cache(src, args.backbone)
             continue
-        for method, lr, init in points:
+        for method, lr, init in (chosen[task] if chosen is not None else points):
             meta = run(task, method, lr, init, args)
             if meta is not None:
                 record(_row(task, method, lr, init, meta, "grid"), not meta["reused"])
@@ -355,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + md)
     (args.out / "mini_vtab_val.md").write_text(md + "\n")
     (args.out / "mini_vtab_val.json").write_text(json.dumps({"epochs": args.epochs, "seed": args.seed, "lrs": args.lrs,
+                                                             "method_lrs": args.method_lrs,
                                                              "rows": rows}, indent=2) + "\n")
     return 0
 

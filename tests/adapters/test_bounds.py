@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adapters import VALUE_LIMIT, RLRRConfig, adapter_state_dict, add_rlrr, check_bounds, weight_bounds
+from adapters.errors import AdapterValueError
 
 
 @pytest.fixture
@@ -45,3 +46,23 @@ def test_the_serving_dtype_decides(adapter) -> None:
     check_bounds(tensors, RLRRConfig(), bounds, torch.float32)
     with pytest.raises(ValueError, match="folded weights of 'blocks.0.attn.qkv' could reach .* torch.float16"):
         check_bounds(tensors, RLRRConfig(), bounds, torch.float16)
+
+
+def test_packed_peaks_equal_the_per_tensor_walk() -> None:
+    # The one-pass path over a PackedTensors' buffer must give every tensor's own max|value| (an empty
+    # tensor: 0), exactly as the per-tensor walk does; out of bounds it defers to the walk, which names it.
+    from adapters.merge import _packed_peaks, _peaks
+    from adapters.packed import PackedTensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.x": torch.randn(7, generator=gen), "b.empty": torch.zeros(0), "c.y": torch.randn(3, 4, generator=gen),
+               "d.z": -5 * torch.rand(5, generator=gen), "head.weight": torch.randn(2, 4, generator=gen)}
+    packed = PackedTensors.pack(tensors)
+    fast = _packed_peaks(packed, 1e4)
+    slow = _peaks(dict(tensors), 1e4)
+    assert fast is not None and fast.keys() == slow.keys()
+    assert all(fast[k] == pytest.approx(slow[k], rel=0, abs=0) for k in slow)  # same float32 values, no rounding
+    bad = PackedTensors.pack({**tensors, "c.y": torch.full((3, 4), 2e4)})
+    assert _packed_peaks(bad, 1e4) is None
+    with pytest.raises(AdapterValueError, match="c.y"):
+        _peaks(bad, 1e4)

@@ -343,3 +343,25 @@ def test_label_fast_path_agrees_with_the_full_check(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(adapter_io, "_plain_ascii", lambda labels: False)
     assert fast == [outcome(labels) for labels in lists]
     assert any(fast) and not all(fast)  # both outcomes exercised
+
+
+def test_packed_load_reads_the_body_in_runs_like_the_per_tensor_path(tmp_path) -> None:
+    # save_file writes one dtype's tensors in name order, the head in the middle: the buffer is read in
+    # two runs. The result must equal reading tensor by tensor; mixed dtypes take the per-tensor path.
+    from adapters.packed import PackedTensors, _contiguous_body, shape_of
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"blocks.0.x": torch.randn(7, generator=gen), "blocks.1.y": torch.randn(3, 4, generator=gen),
+               "head.weight": torch.randn(2, 4, generator=gen), "head.bias": torch.randn(2, generator=gen),
+               "norm.z": torch.randn(5, generator=gen), "patch_embed.w": torch.randn(1, 2, generator=gen)}
+    save_file(tensors, tmp_path / "a.safetensors")
+    assert _contiguous_body(tmp_path / "a.safetensors") is not None
+    mixed = {**tensors, "norm.z": tensors["norm.z"].half()}
+    save_file(mixed, tmp_path / "b.safetensors")
+    assert _contiguous_body(tmp_path / "b.safetensors") is None
+    for path, source in (("a.safetensors", tensors), ("b.safetensors", mixed)):
+        loaded = PackedTensors.load_file(tmp_path / path)
+        assert set(loaded) == set(source)
+        for name, value in source.items():
+            assert torch.equal(loaded[name], value.float()) and shape_of(loaded, name) == tuple(value.shape)
+    assert shape_of(loaded, "missing") is None

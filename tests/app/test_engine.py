@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
+import json
 
 import pytest
 import torch
@@ -283,3 +284,41 @@ def test_only_tasks_that_fill_a_batch_are_folded_into_the_cache(make_settings, p
         assert _resident(app.state.service.registry, "beta").key not in engine.cache
         text = app.state.service.metrics.render().decode()
     assert 'rlrr_batches_total{strategy="segmented"} 7.0' in text
+
+
+def test_costs_file_measured_once_then_read_back(make_settings, tmp_path) -> None:
+    # The first start measures and writes; a second start of the same backbone reads the same costs
+    # back instead of timing the forms again; a corrupt file is a miss (measure again), never an error.
+    path = tmp_path / "cache" / "plan-costs.json"
+    app = create_app(make_settings(costs_file=path))
+    with TestClient(app):
+        first = app.state.service.engine
+        assert first.costs_source == "measured"
+        measured = vars(first.costs).copy()
+    doc = json.loads(path.read_text())
+    (key, entry), = doc.items()
+    assert first.fingerprint in key and entry["costs"] == measured and entry["kinds"]
+    again = create_app(make_settings(costs_file=path))
+    with TestClient(again):
+        assert again.state.service.engine.costs_source == "file"
+        assert vars(again.state.service.engine.costs) == measured
+        text = again.state.service.metrics.render().decode()
+    assert f'rlrr_auto_cost_seconds{{kind="segmented_row"}} {measured["segmented_row"]!r}' in text
+    path.write_text("{not json")
+    broken = create_app(make_settings(costs_file=path))
+    with TestClient(broken):
+        assert broken.state.service.engine.costs_source == "measured"
+    assert json.loads(path.read_text())[key]["kinds"] == entry["kinds"]  # rewritten whole
+    assert not list(path.parent.glob(".plan-costs-*"))  # no temp file left behind
+
+
+def test_costs_file_off_and_other_backbones_measure(make_settings, tmp_path) -> None:
+    # A key holds the backbone's fingerprint: another backbone's (or another dtype's) entry is not used.
+    path = tmp_path / "plan-costs.json"
+    path.write_text(json.dumps({"v1|other-fingerprint|cpu|float32|threads=1|torch=x|batch=4": {
+        "costs": vars(Costs()), "kinds": ["plain", "rescaling"]}}))
+    app = create_app(make_settings(costs_file=path))
+    with TestClient(app):
+        assert app.state.service.engine.costs_source == "measured"
+    assert len(json.loads(path.read_text())) == 2  # the other key is kept beside this one
+    assert make_settings(costs_file="off").costs_file is None

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -261,3 +266,73 @@ def test_pinned_tasks_from_env(monkeypatch, value: str, expected: list[str]) -> 
 
     monkeypatch.setenv("RLRR_PINNED_TASKS", value)  # docker compose passes an unset `${VAR:-}` as ""
     assert Settings().pinned_tasks == expected
+
+
+@contextlib.contextmanager
+def _opens(gate: threading.Event) -> Iterator[None]:
+    try:  # a failed assertion must not leave the scan's thread waiting (shutdown would wait for it)
+        yield
+    finally:
+        gate.set()
+
+
+def test_configs_beyond_startup_configs_are_read_in_the_background(make_settings, store, png, monkeypatch) -> None:
+    # Issue 19: start-up must not grow with the store. Beyond RLRR_STARTUP_CONFIGS the configs are read by
+    # a background scan while the server serves; a request, a page or a delete of a task the scan has not
+    # reached reads (or drops) it at once, and the scan never revives or overwrites what changed meanwhile.
+    import app.registry
+
+    (store / "zeta").mkdir()
+    (store / "zeta" / "adapter_config.json").write_text("{broken")  # refused only once the scan reads it
+    gate = threading.Event()
+    real_scan = app.registry.Registry._scan
+
+    async def gated_scan(self):  # noqa: ANN001, ANN202
+        await asyncio.to_thread(gate.wait, 60)
+        await real_scan(self)
+
+    monkeypatch.setattr(app.registry.Registry, "_scan", gated_scan)
+    with TestClient(create_app(make_settings(warmup=False, startup_configs=1))) as client, _opens(gate):
+        registry = client.app.state.service.registry
+        assert sorted(registry.entries) == ["alpha"] and registry.pending == 3  # beta, gamma, zeta unread
+        assert client.get("/readyz").json()["tasks"] == 4  # listed, not yet known to be refused
+        text = client.get("/metrics").text
+        assert _metric(text, "rlrr_tasks_stored") == 4 and _metric(text, "rlrr_tasks_unread") == 3
+        response = _post(client, "gamma", png(0))  # read now, not after the scan
+        assert response.status_code == 200 and _tier(client, "gamma") == "resident"
+        assert response.json()["results"][0]["predictions"][0]["label"].startswith("gamma-class-")
+        assert client.delete("/tasks/beta", headers=AUTH).status_code == 204  # never read, gone
+        assert registry.pending == 1
+        gate.set()
+        for _ in range(600):
+            if registry.scan.done():
+                break
+            time.sleep(0.05)
+        assert registry.scan.done() and registry.scan.exception() is None and registry.pending == 0
+        assert registry.names() == ["alpha", "gamma", "zeta"]  # beta not revived by the scan
+        assert _post(client, "beta", png(0)).status_code == 404
+        assert "zeta" in registry.skipped and client.get("/readyz").json()["tasks"] == 2
+        assert _metric(client.get("/metrics").text, "rlrr_tasks_unread") == 0
+        assert _tier(client, "gamma") == "resident"  # the scan left the resident version alone
+
+
+def test_a_page_reads_the_configs_the_scan_has_not_reached(make_settings, store, monkeypatch) -> None:
+    import app.registry
+
+    gate = threading.Event()
+    real_scan = app.registry.Registry._scan
+
+    async def gated_scan(self):  # noqa: ANN001, ANN202
+        await asyncio.to_thread(gate.wait, 60)
+        await real_scan(self)
+
+    monkeypatch.setattr(app.registry.Registry, "_scan", gated_scan)
+    with TestClient(create_app(make_settings(warmup=False, startup_configs=0))) as client, _opens(gate):
+        registry = client.app.state.service.registry
+        assert registry.pending == 3
+        page = client.get("/tasks", params={"limit": 1}).json()  # reads limit + 1 (is there a next page?)
+        assert [(t["name"], t["labels"][0]) for t in page["tasks"]] == [("alpha", "alpha-class-0")]
+        assert page["total"] == 3 and page["next_cursor"] == "alpha"
+        assert registry.pending == 1  # gamma: beyond the page, still unread
+        assert client.get("/tasks/gamma").json()["labels"][0] == "gamma-class-0"
+        assert registry.pending == 0

@@ -23,7 +23,7 @@ import torch
 from app.planner import Costs
 
 log = logging.getLogger("app")
-VERSION = 1  # bump when what Engine._calibrate measures changes meaning
+VERSION = 2  # bump when what Engine._calibrate measures changes meaning (2: segment = a group's cost in a pass)
 
 
 def machine_key(fingerprint: str, device: torch.device, dtype: torch.dtype, batch: int) -> str:

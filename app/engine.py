@@ -305,10 +305,33 @@ class Engine:
         if plain is None:  # ... else one GEMM plus thin shrink/expand
             c.plain_row = stored["costs"]["plain_row"] if "plain" in known else 1.05 * c.segmented_row
         c.merged_row, c.merged_call = c.segmented_row, c.segmented_call  # priced as a segmented pass (upper bound)
-        c.segment = max(self._best(lambda: self.multi.fold_segment(h), 3) for h in {rescaling, plain} - {None})  # noqa: B023
+        kinds = [t for t in (next((t for t in tasks if self._handle(t).rescales), None),
+                             next((t for t in tasks if not self._handle(t).rescales), None)) if t is not None]
+        c.segment = max(self._segment_cost(t, x) for t in kinds)
         self.costs_source = "measured"
         write_costs(self.costs_file, key, c, sorted(needed | known))
         self._announce_costs("measured")
+
+    def _segment_cost(self, task: LoadedTask, x: torch.Tensor) -> float:
+        """Seconds one more task group adds to a segmented pass.
+
+        Timed as it happens: the same rows as one group, then as one group each (the task's adapter
+        under other keys, handles outside the task table), so the just-in-time fold, the split
+        matmuls and the per-group work all count. Timing the fold alone priced a LoRA group at a
+        quarter of what it costs in a pass (bench/grouped_calls.py: 47 ms vs ~200 ms for ViT-S on
+        this CPU), and the planner then chose segmented where unmerged was faster. Never below the
+        fold alone (a busy machine's noise can only add time).
+        """
+        handle, big = self._handle(task), x.shape[0]
+        fold = self._best(lambda: self.multi.fold_segment(handle), 3)
+        if big < 2:
+            return fold
+        a = task.adapter
+        clones = [self.multi.add_task(f"{task.key}#segment-{i}", a.tensors, a.config, a.num_classes, register=False)
+                  for i in range(big)]
+        one = self._best(lambda: self.multi(x, [handle] * big, mode="segmented"), 1)
+        spread = self._best(lambda: self.multi(x, clones, mode="segmented"), 1)
+        return max(fold, (spread - one) / (big - 1))
 
     def _announce_costs(self, source: str) -> None:
         c = self.costs

@@ -139,6 +139,8 @@ def test_warm_up_measures_the_costs(client) -> None:
     engine = client.app.state.service.engine
     costs = vars(engine.costs)
     assert all(value >= 0 for value in costs.values()) and engine.costs.merged_row > 0
+    assert engine.costs.segment > 0  # a group's cost in a pass: timed with clones of the warm task ...
+    assert not any("#segment-" in name for name in engine.multi.task_names)  # ... that never join the table
     text = client.app.state.service.metrics.render().decode()
     for name in costs:
         assert f'rlrr_auto_cost_seconds{{kind="{name}"}}' in text

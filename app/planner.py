@@ -37,7 +37,7 @@ class Costs:
         merged_call: Plain forward, fixed cost per call.
         segmented_row: Segmented forward, per image.
         segmented_call: Segmented forward, fixed cost per call (one per batch).
-        segment: Folding one task group's layers just in time (per group, per batch).
+        segment: What one more task group adds to a segmented pass (its just-in-time fold, split matmuls).
         unmerged_row: Two-matmul forward, per image.
         unmerged_call: Two-matmul forward, fixed cost per call.
         plain_row: Unmerged forward of a task with no l cᵀ term (one GEMM + shrink/expand), per image.

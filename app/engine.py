@@ -281,8 +281,10 @@ class Engine:
         # gets a prior (or what an earlier start measured). It is most of a server's start-up time on
         # CPU, so what it measured is kept in `costs_file` and read back by the next start.
         handles = [self._handle(t) for t in tasks]
-        rescaling = next((h for h in handles if h.rescales), None)
-        plain = next((h for h in handles if not h.rescales), None)
+        rescaling_task = next((t for t in tasks if self._handle(t).rescales), None)  # handles are kept per task
+        plain_task = next((t for t in tasks if not self._handle(t).rescales), None)
+        rescaling = None if rescaling_task is None else self._handle(rescaling_task)
+        plain = None if plain_task is None else self._handle(plain_task)
         big = max(1, min(self.calibration_batch, 4))
         key = machine_key(self.fingerprint, self.device, self.dtype, big)
         stored = read_costs(self.costs_file, key)
@@ -305,9 +307,7 @@ class Engine:
         if plain is None:  # ... else one GEMM plus thin shrink/expand
             c.plain_row = stored["costs"]["plain_row"] if "plain" in known else 1.05 * c.segmented_row
         c.merged_row, c.merged_call = c.segmented_row, c.segmented_call  # priced as a segmented pass (upper bound)
-        kinds = [t for t in (next((t for t in tasks if self._handle(t).rescales), None),
-                             next((t for t in tasks if not self._handle(t).rescales), None)) if t is not None]
-        c.segment = max(self._segment_cost(t, x) for t in kinds)
+        c.segment = max(self._segment_cost(t, x) for t in (rescaling_task, plain_task) if t is not None)
         self.costs_source = "measured"
         write_costs(self.costs_file, key, c, sorted(needed | known))
         self._announce_costs("measured")

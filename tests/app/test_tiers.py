@@ -268,6 +268,21 @@ def test_pinned_tasks_from_env(monkeypatch, value: str, expected: list[str]) -> 
     assert Settings().pinned_tasks == expected
 
 
+def _gate_the_scan(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold the background scan until the returned event is set (so a test sees the unread state)."""
+    import app.registry
+
+    gate = threading.Event()
+    real_scan = app.registry.Registry._scan
+
+    async def gated_scan(self):  # noqa: ANN001, ANN202
+        await asyncio.to_thread(gate.wait, 60)
+        await real_scan(self)
+
+    monkeypatch.setattr(app.registry.Registry, "_scan", gated_scan)
+    return gate
+
+
 @contextlib.contextmanager
 def _opens(gate: threading.Event) -> Iterator[None]:
     try:  # a failed assertion must not leave the scan's thread waiting (shutdown would wait for it)
@@ -280,18 +295,10 @@ def test_configs_beyond_startup_configs_are_read_in_the_background(make_settings
     # Issue 19: start-up must not grow with the store. Beyond RLRR_STARTUP_CONFIGS the configs are read by
     # a background scan while the server serves; a request, a page or a delete of a task the scan has not
     # reached reads (or drops) it at once, and the scan never revives or overwrites what changed meanwhile.
-    import app.registry
 
     (store / "zeta").mkdir()
     (store / "zeta" / "adapter_config.json").write_text("{broken")  # refused only once the scan reads it
-    gate = threading.Event()
-    real_scan = app.registry.Registry._scan
-
-    async def gated_scan(self):  # noqa: ANN001, ANN202
-        await asyncio.to_thread(gate.wait, 60)
-        await real_scan(self)
-
-    monkeypatch.setattr(app.registry.Registry, "_scan", gated_scan)
+    gate = _gate_the_scan(monkeypatch)
     with TestClient(create_app(make_settings(warmup=False, startup_configs=1))) as client, _opens(gate):
         registry = client.app.state.service.registry
         assert sorted(registry.entries) == ["alpha"] and registry.pending == 3  # beta, gamma, zeta unread
@@ -317,16 +324,8 @@ def test_configs_beyond_startup_configs_are_read_in_the_background(make_settings
 
 
 def test_a_page_reads_the_configs_the_scan_has_not_reached(make_settings, store, monkeypatch) -> None:
-    import app.registry
 
-    gate = threading.Event()
-    real_scan = app.registry.Registry._scan
-
-    async def gated_scan(self):  # noqa: ANN001, ANN202
-        await asyncio.to_thread(gate.wait, 60)
-        await real_scan(self)
-
-    monkeypatch.setattr(app.registry.Registry, "_scan", gated_scan)
+    gate = _gate_the_scan(monkeypatch)
     with TestClient(create_app(make_settings(warmup=False, startup_configs=0))) as client, _opens(gate):
         registry = client.app.state.service.registry
         assert registry.pending == 3

@@ -166,7 +166,7 @@ class Registry:
     """
 
     def __init__(self, store: Path, engine: Engine, budget: int = 2**30, pinned: Iterable[str] = (),
-                 startup_configs: int = 1000) -> None:
+                 startup_configs: int = 500) -> None:
         self.store = store
         self.startup_configs = startup_configs
         self.engine = engine
@@ -353,7 +353,7 @@ class Registry:
             entries = await asyncio.to_thread(self._read_entries, chunk)
             for entry in entries:
                 self._settle(entry)
-        self._log_refused(self.names())
+            self._log_refused(chunk)  # each refusal logged once: the start-up read logged its own
         log.info("background scan read %d adapter configs in %.1f s", count, time.perf_counter() - start)
 
     def _settle(self, entry: Entry) -> None:

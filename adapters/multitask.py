@@ -91,6 +91,7 @@ class TaskHandle:
     num_classes: int
     all_residual: bool  # every linear slot of the task has a = 1
     rescaled: frozenset[str]  # linear slots where the task has an l cᵀ term
+    shifted: frozenset[str] = frozenset()  # linear slots where the task shifts the bias (s ≠ 0)
 
     @property
     def rescales(self) -> bool:
@@ -150,6 +151,7 @@ class Batch:
         stacked: (U, P) the tasks' buffers when they share one plan and layout, else None.
         residual_only: Every task has a = 1 everywhere.
         rescaled: Linear slots where some task of the batch has an l cᵀ term.
+        shifted: Linear slots where some task of the batch shifts the bias.
         scratch: The calling thread's fold buffers.
     """
 
@@ -162,6 +164,7 @@ class Batch:
     stacked: torch.Tensor | None
     residual_only: bool
     rescaled: frozenset[str]
+    shifted: frozenset[str]
     scratch: _Scratch
 
     @classmethod
@@ -174,7 +177,8 @@ class Batch:
             # one copy of U buffers (ViT-S: 0.7 MB each) instead of ~250 stacks of U small tensors; a view for one
             stacked = first.source.flat[None] if len(tasks) == 1 else torch.stack([t.source.flat for t in tasks])
         return cls(tuple(tasks), ids, tuple(offsets), mode, tuple(merged or (None,) * len(tasks)), kernel, stacked,
-                   all(t.all_residual for t in tasks), frozenset().union(*(t.rescaled for t in tasks)), scratch)
+                   all(t.all_residual for t in tasks), frozenset().union(*(t.rescaled for t in tasks)),
+                   frozenset().union(*(t.shifted for t in tasks)), scratch)
 
     def per_task(self, path: str, tag: str) -> torch.Tensor:
         """(U, ...) one value per task present (the stacked form the fused kernel reads)."""
@@ -220,14 +224,16 @@ class Batch:
 
     def add_lowrank(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
         """y += k · (x Aᵀ) Bᵀ on each segment whose task has a low-rank term here (shrink, expand)."""
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # (B·N, in), (B·N, out): rows sorted by task
+        per_image = x2.shape[0] // x.shape[0]
         for u, task in enumerate(self.tasks):
             fold = task.folds.get(path)
             if fold is None or fold.lora is None:
                 continue
-            lo, hi = self.offsets[u], self.offsets[u + 1]
+            lo, hi = self.offsets[u] * per_image, self.offsets[u + 1] * per_image
             a, b, k = fold.lora
-            seg = x[lo:hi]
-            y[lo:hi] += k * F.linear(F.linear(seg, task.source[a]), task.source[b])  # (n, N, r) -> (n, N, out)
+            shrunk = torch.mm(x2[lo:hi], task.source[a].t())  # (n·N, r)
+            y2[lo:hi].addmm_(shrunk, task.source[b].t(), alpha=k)  # += k · shrunk Bᵀ, scale and add inside the GEMM
         return y
 
 
@@ -270,14 +276,17 @@ class _RowLinear(nn.Module):
         if r.mode == "segmented":
             return self._segmented(x, r)
         b = self.base_layer
-        s = _rows_view(r.take(self.path, "s"), x.dim())  # (B, 1, out)
+        if self.path in r.rescaled or self.path in r.shifted:
+            s = _rows_view(r.take(self.path, "s"), x.dim())  # (B, 1, out)
         if self.path in r.rescaled:  # the second GEMM only where some task of the batch rescales
             l = _rows_view(r.take(self.path, "l"), x.dim())  # (B, 1, out)
             c = _rows_view(r.take(self.path, "c"), x.dim() + 1)  # (B, 1, g, in)
             a = True if r.residual_only else _rows_view(r.take(self.path, "a")[:, None], x.dim())  # (B, 1, 1)
             y = rlrr.rescaled_linear(x, b.weight, b.bias, l, c, s, residual=a)
-        else:  # one shared base GEMM for every row
+        elif self.path in r.shifted:  # one shared base GEMM for every row
             y = F.linear(x, b.weight, b.bias) + s
+        else:  # no task shifts this bias (LoRA, IA³'s input scaling): skip a pass over y
+            y = F.linear(x, b.weight, b.bias)
         return r.add_lowrank(y, x, self.path)
 
     def _segmented(self, x: torch.Tensor, r: Batch) -> torch.Tensor:
@@ -446,7 +455,8 @@ class MultiTaskViT(nn.Module):
             ref.device, ref.dtype)
         plan, folds = self._plan(config, forms)
         task = TaskHandle(name, source, plan, folds, num_classes, all(f.residual for f in folds.values()),
-                          frozenset(p for p, f in folds.items() if f.rescale))
+                          frozenset(p for p, f in folds.items() if f.rescale),
+                          frozenset(p for p, f in folds.items() if f.shift))
         if register:
             with self._lock:
                 self._tasks[name] = task

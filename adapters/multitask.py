@@ -90,8 +90,12 @@ class TaskHandle:
     folds: _Folds
     num_classes: int
     all_residual: bool  # every linear slot of the task has a = 1
-    rescaled: frozenset[str]  # linear slots where the task has an l cᵀ term
+    rescaled: frozenset[str]  # linear slots where the task has an l cᵀ term with both sides varying
     shifted: frozenset[str] = frozenset()  # linear slots where the task shifts the bias (s ≠ 0)
+    # One-sided rescaling (IA³): W ⊙ (a + l 1ᵀ) = diag(a + l) W scales each row's output, W ⊙ (a + 1 cᵀ)
+    # = W diag(a + c) its input: the unmerged form needs no second GEMM for them.
+    scaled_out: frozenset[str] = frozenset()
+    scaled_in: frozenset[str] = frozenset()
 
     @property
     def rescales(self) -> bool:
@@ -107,6 +111,12 @@ class TaskHandle:
         e = self.plan[path][tag]
         v = e.const if e.key is None else self.source[e.key]
         return v if e.expand is None else v.expand(e.expand)
+
+    def row_scale(self, path: str, side: str) -> torch.Tensor | None:
+        """This task's (out,) output or (in,) input multiplier at a one-sided slot; None where it has none."""
+        if side == "out":
+            return self.value(path, "a") + self.value(path, "l") if path in self.scaled_out else None
+        return (self.value(path, "a") + self.value(path, "c")[0]) if path in self.scaled_in else None
 
 
 _Task = TaskHandle  # the name from before handles were returned
@@ -150,7 +160,8 @@ class Batch:
         kernel: The fused segmented GEMM (CUDA), or None.
         stacked: (U, P) the tasks' buffers when they share one plan and layout, else None.
         residual_only: Every task has a = 1 everywhere.
-        rescaled: Linear slots where some task of the batch has an l cᵀ term.
+        rescaled: Linear slots where some task of the batch has a two-sided l cᵀ term.
+        scaled: Linear slots where some task of the batch scales rows' inputs or outputs only.
         shifted: Linear slots where some task of the batch shifts the bias.
         scratch: The calling thread's fold buffers.
     """
@@ -164,6 +175,7 @@ class Batch:
     stacked: torch.Tensor | None
     residual_only: bool
     rescaled: frozenset[str]
+    scaled: frozenset[str]
     shifted: frozenset[str]
     scratch: _Scratch
 
@@ -178,6 +190,7 @@ class Batch:
             stacked = first.source.flat[None] if len(tasks) == 1 else torch.stack([t.source.flat for t in tasks])
         return cls(tuple(tasks), ids, tuple(offsets), mode, tuple(merged or (None,) * len(tasks)), kernel, stacked,
                    all(t.all_residual for t in tasks), frozenset().union(*(t.rescaled for t in tasks)),
+                   frozenset().union(*(t.scaled_out | t.scaled_in for t in tasks)),
                    frozenset().union(*(t.shifted for t in tasks)), scratch)
 
     def per_task(self, path: str, tag: str) -> torch.Tensor:
@@ -191,6 +204,14 @@ class Batch:
 
     def take(self, path: str, tag: str) -> torch.Tensor:
         return self.per_task(path, tag).index_select(0, self.ids)  # (B, ...): one row per image
+
+    def take_scale(self, path: str, side: str, size: int, like: torch.Tensor) -> torch.Tensor | None:
+        """(B, size) each row's one-sided multiplier at a slot (ones for rows without); None if no row has one."""
+        per_task = [t.row_scale(path, side) for t in self.tasks]
+        if all(v is None for v in per_task):
+            return None
+        ones = like.new_ones(size)
+        return torch.stack([ones if v is None else v for v in per_task]).index_select(0, self.ids)
 
     def weights(self, u: int, path: str, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Task u's weight and bias for one linear slot: cached, as is, or folded into scratch now.
@@ -283,11 +304,27 @@ class _RowLinear(nn.Module):
             c = _rows_view(r.take(self.path, "c"), x.dim() + 1)  # (B, 1, g, in)
             a = True if r.residual_only else _rows_view(r.take(self.path, "a")[:, None], x.dim())  # (B, 1, 1)
             y = rlrr.rescaled_linear(x, b.weight, b.bias, l, c, s, residual=a)
+        elif self.path in r.scaled:  # one-sided rescaling only (IA³): one GEMM, rows scaled before or after it
+            y = self._scaled(x, r, s if self.path in r.shifted else None)
         elif self.path in r.shifted:  # one shared base GEMM for every row
             y = F.linear(x, b.weight, b.bias) + s
         else:  # no task shifts this bias (LoRA, IA³'s input scaling): skip a pass over y
             y = F.linear(x, b.weight, b.bias)
         return r.add_lowrank(y, x, self.path)
+
+    def _scaled(self, x: torch.Tensor, r: Batch, s: torch.Tensor | None) -> torch.Tensor:
+        # y = u ⊙ ((v ⊙ x) Wᵀ) + b + s: a row's u is a + l where its task scales outputs, its v = a + c where
+        # it scales inputs, exactly 1 otherwise (so other tasks' rows pass through unchanged).
+        b = self.base_layer
+        out_f, in_f = b.weight.shape
+        v = r.take_scale(self.path, "in", in_f, x)
+        u = r.take_scale(self.path, "out", out_f, x)
+        y = F.linear(x if v is None else x * _rows_view(v, x.dim()), b.weight)  # (B, N, out)
+        shift = b.bias if s is None else (s if b.bias is None else s + b.bias)  # (out,) or (B, 1, out)
+        if u is None:
+            return y if shift is None else y.add_(shift)
+        u = _rows_view(u, x.dim())  # (B, 1, out)
+        return y.mul_(u) if shift is None else torch.addcmul(shift, y, u)
 
     def _segmented(self, x: torch.Tensor, r: Batch) -> torch.Tensor:
         # One matmul per task segment with that task's folded W (built just in time, or cached): the
@@ -454,14 +491,27 @@ class MultiTaskViT(nn.Module):
         source = (tensors if isinstance(tensors, PackedTensors) else PackedTensors.pack(tensors)).to(
             ref.device, ref.dtype)
         plan, folds = self._plan(config, forms)
+        out_side, in_side = self._sides(forms, source)
         task = TaskHandle(name, source, plan, folds, num_classes, all(f.residual for f in folds.values()),
-                          frozenset(p for p, f in folds.items() if f.rescale),
-                          frozenset(p for p, f in folds.items() if f.shift))
+                          frozenset(p for p, f in folds.items() if f.rescale) - out_side - in_side,
+                          frozenset(p for p, f in folds.items() if f.shift), out_side, in_side)
         if register:
             with self._lock:
                 self._tasks[name] = task
                 self._snap = _Snapshot(tuple(self._tasks), tuple(self._tasks.values()))
         return task
+
+    def _sides(self, forms: Forms, source: PackedTensors) -> tuple[frozenset[str], frozenset[str]]:
+        """Slots whose rescaling varies on one side only: (l only: output side, c only: input side)."""
+        out_side, in_side = set(), set()
+        for path, f in forms.linears.items():
+            if not f.rescale:
+                continue
+            if f.c is None:  # W ⊙ (a + l 1ᵀ)
+                out_side.add(path)
+            elif f.l is None and source[f.c].numel() == self._linears[path][2]:  # one c for every q/k/v slice
+                in_side.add(path)
+        return frozenset(out_side), frozenset(in_side)
 
     def remove_task(self, name: str) -> None:
         with self._lock:

@@ -72,7 +72,7 @@ def test_merged_equals_unmerged(setup, name) -> None:
     assert "rlrr_config" not in vars(merge_adapter(models[name]))
 
 
-FORMS = ["unmerged", "segmented", "segmented+cache", "handles"]
+FORMS = ["unmerged", "unmerged-one-sided", "segmented", "segmented+cache", "handles"]
 
 
 @torch.no_grad()
@@ -81,9 +81,13 @@ def test_mixed_method_batch_equals_each_task_alone(setup, form) -> None:
     # Rows cycle every method (peft's [base, a, b][i % 3] pattern, widened): each row is its task's model.
     base, pristine, models, multi, handles = setup
     names = list(TASKS)
+    if form == "unmerged-one-sided":  # no two-sided l cᵀ in the batch: IA³ rows scale around ONE shared GEMM
+        names = [n for n in names if n != "rlrr"]
+        assert not any(handles[n].rescaled for n in names)
+        assert handles["ia3"].scaled_out and handles["ia3"].scaled_in
     x = torch.randn(2 * len(names) + 1, 3, 160, 160, generator=torch.Generator().manual_seed(3))
     rows = [names[i % len(names)] for i in range(len(x))]
-    if form == "unmerged":
+    if form.startswith("unmerged"):
         logits = multi(x, rows, mode="unmerged")
     elif form == "segmented":
         logits = multi(x, rows, mode="segmented")

@@ -271,6 +271,34 @@ def test_an_adapter_with_a_huge_value_is_refused_at_upload(client, make_upload, 
     assert not (client.app.state.service.registry.store / "huge").exists()
 
 
+def test_an_upload_does_not_wait_for_the_engine_thread(client, make_upload) -> None:
+    # Validation (prepare and the finite-logits probe) runs beside the engine thread: with the engine
+    # thread held by a "batch" that never ends on its own, an upload still completes. On the engine
+    # thread the probe queued behind the running batch (a 5.6 s PUT on 2 cores, bench/serve.py).
+    import threading
+
+    engine = client.app.state.service.engine
+    release, started = threading.Event(), threading.Event()
+
+    def long_batch() -> None:
+        started.set()
+        release.wait(timeout=60)
+
+    busy = engine._executor.submit(long_batch)
+    try:
+        assert started.wait(timeout=10)
+        directory = make_upload(classes=3, seed=11)
+        files = {name: (name, (directory / f).read_bytes()) for name, f in
+                 [("config", "adapter_config.json"), ("weights", "adapter_model.safetensors")]}
+        response = client.put("/tasks/uploaded-meanwhile", files=files, headers=AUTH)
+        assert response.status_code == 200, response.text
+        assert not busy.done(), "the upload finished only because the engine thread was free"
+    finally:
+        release.set()
+        busy.result(timeout=60)
+    assert client.get("/tasks/uploaded-meanwhile").status_code == 200
+
+
 def test_only_tasks_that_fill_a_batch_are_folded_into_the_cache(make_settings, png) -> None:
     # Mixed batches run segmented (a just-in-time fold is cheaper than an admission); a task that
     # holds half a batch or more, batch after batch, earns a cached fold and then runs as one plain forward.

@@ -9,7 +9,8 @@ Three forms, all exact (they differ only by rounding):
   W ⊙ (1 + l cᵀ) (cached, or folded just in time into a reused buffer: `segment` seconds per
   group; ~0 on CUDA, where the Triton kernel folds in registers).
 - unmerged: rows in one pass of the two-matmul form (no fold at all, ~2x the FLOPs per row); rows
-  of tasks without an l cᵀ term (LoRA, BitFit) share one base GEMM plus per-segment low-rank
+  of tasks without a two-sided l cᵀ term (LoRA, BitFit, IA³: its l cᵀ varies on one side only, a
+  per-row scale of the output or the input) share one base GEMM plus per-segment low-rank
   shrink/expand (Punica / S-LoRA), priced at `plain_row` while no rescaling task is in the pass.
 
 `Settings.strategy` forces one form for every group (`merged` then folds every task into the

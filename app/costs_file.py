@@ -23,7 +23,7 @@ import torch
 from app.planner import Costs
 
 log = logging.getLogger("app")
-VERSION = 2  # bump when what Engine._calibrate measures changes meaning (2: segment = a group's cost in a pass)
+VERSION = 3  # bump when what Engine._calibrate measures changes (2: segment = a group's cost in a pass; 3: best of 3)
 
 
 def machine_key(fingerprint: str, device: torch.device, dtype: torch.dtype, batch: int) -> str:

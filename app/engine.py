@@ -279,15 +279,14 @@ class Engine:
         # Time a task's batch of 1 and of a few images in the two forms `auto` chooses between for
         # mixed batches (a one-task cached batch always runs merged); the two points give a per-row and
         # a per-call cost (on CPU the call cost is ~0; on a GPU small batches are all call). The
-        # unmerged form is timed for a rescaling task (two GEMMs) and for a task without an l cᵀ term
-        # (LoRA, BitFit: one GEMM plus per-segment shrink/expand) when such tasks are loaded; the other
+        # unmerged form is timed for a rescaling task (two GEMMs) and for a task without a two-sided l cᵀ
+        # term (LoRA, BitFit, IA³: one GEMM plus per-segment work) when such tasks are loaded; the other
         # gets a prior (or what an earlier start measured). It is most of a server's start-up time on
         # CPU, so what it measured is kept in `costs_file` and read back by the next start.
-        handles = [self._handle(t) for t in tasks]
-        rescaling_task = next((t for t in tasks if self._handle(t).rescales), None)  # handles are kept per task
-        plain_task = next((t for t in tasks if not self._handle(t).rescales), None)
-        rescaling = None if rescaling_task is None else self._handle(rescaling_task)
-        plain = None if plain_task is None else self._handle(plain_task)
+        pairs = [(t, self._handle(t)) for t in tasks]
+        handles = [h for _, h in pairs]
+        rescaling_task, rescaling = next(((t, h) for t, h in pairs if h.rescales), (None, None))
+        plain_task, plain = next(((t, h) for t, h in pairs if not h.rescales), (None, None))
         big = max(1, min(self.calibration_batch, 4))
         key = machine_key(self.fingerprint, self.device, self.dtype, big)
         stored = read_costs(self.costs_file, key)

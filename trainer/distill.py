@@ -75,17 +75,14 @@ def agreement(model: nn.Module, feats: torch.Tensor, logits: torch.Tensor, bs: i
 
 
 @torch.no_grad()
-def rank_ceiling(train: dict[str, torch.Tensor], evals: dict[str, dict[str, torch.Tensor]], ranks: list[int],
-                 lam: float = 1e-3) -> dict[int, dict[str, float]]:
-    """Top-1 agreement of the best rank-D linear map from the teacher's pooled features to its logits.
+def reduced_rank(train: dict[str, torch.Tensor], lam: float = 1e-3) -> tuple[torch.Tensor, ...]:
+    """Ridge regression of the teacher's logits on its pooled features, and the fit's principal directions.
 
-    Ridge regression (pooled (N, 1280) + bias -> logits), then its fitted logits projected on their
-    top D principal directions (reduced-rank regression).
+    Returns (mu (1280,), w (1281, 1000), mean (1000,), v (1000, 1000)): logits ≈ [f - mu, 1] @ w, and
+    its best rank-D version mean + ([f - mu, 1] @ w - mean) @ v[:D].T @ v[:D] (reduced-rank regression).
 
     Args:
         train: Cached training set with `pooled` and `logits`.
-        evals: The agreement sets, same keys.
-        ranks: The widths D to try.
         lam: Ridge penalty, relative to the mean feature energy.
     """
     pooled, logits = train["pooled"].float(), train["logits"].float()
@@ -97,6 +94,21 @@ def rank_ceiling(train: dict[str, torch.Tensor], evals: dict[str, dict[str, torc
     fitted = x @ w
     mean = fitted.mean(0)
     _, _, v = torch.linalg.svd(fitted - mean, full_matrices=False)
+    return mu, w, mean, v
+
+
+@torch.no_grad()
+def rank_ceiling(train: dict[str, torch.Tensor], evals: dict[str, dict[str, torch.Tensor]], ranks: list[int],
+                 lam: float = 1e-3) -> dict[int, dict[str, float]]:
+    """Top-1 agreement of the best rank-D linear map from the teacher's pooled features to its logits.
+
+    Args:
+        train: Cached training set with `pooled` and `logits`.
+        evals: The agreement sets, same keys.
+        ranks: The widths D to try.
+        lam: Ridge penalty, relative to the mean feature energy.
+    """
+    mu, w, mean, v = reduced_rank(train, lam)
     out = {}
     for d in ranks:
         proj = v[:d].T @ v[:d]
@@ -106,6 +118,38 @@ def rank_ceiling(train: dict[str, torch.Tensor], evals: dict[str, dict[str, torc
             pred = mean + (xe @ w - mean) @ proj
             out[d][name] = round((pred.argmax(1) == s["logits"].float().argmax(1)).float().mean().item(), 4)
     return out
+
+
+class TokenTarget(nn.Module):
+    """Per-token targets from the teacher: its 1x1-conv features of each token, mapped to D dimensions.
+
+    The teacher after the stem is per token (1x1 conv, BN, ReLU6) until the pooling, so each of the
+    student's output tokens gets its own target: the teacher's 1280 features of that token mapped by
+    the reduced-rank readout (`reduced_rank`) onto the D directions its logits use most. Their mean
+    over tokens is exactly the rank-D readout of the pooled features, so a student whose tokens match
+    them (through a learned linear regressor, as in FitNets) carries what the rank-D ceiling needs, with
+    16 dense targets an image instead of one distribution over classes.
+
+    Args:
+        teacher: `adapters.backbones.lite0_teacher()`.
+        train: Cached training set with `pooled` and `logits` (for the readout).
+        dim: D, the student's width.
+    """
+
+    def __init__(self, teacher: nn.Module, train: dict[str, torch.Tensor], dim: int):
+        super().__init__()
+        mu, w, _, v = reduced_rank(train)
+        proj = F.pad(w[:-1] @ v[:dim].T, (0, max(0, dim - len(v))))  # (1280, D); < D images: the rest target 0
+        z = (train["pooled"].float() - mu) @ proj
+        self.teacher = teacher
+        self.register_buffer("mu", mu)
+        self.register_buffer("proj", proj / z.std())  # targets of unit scale: the loss weight means the same
+
+    @torch.no_grad()
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """Stem features (B, 320, h, w) -> per-token targets (B, h*w, D), tokens in the student's order."""
+        t = self.teacher.bn2(self.teacher.conv_head(feats)).flatten(2).transpose(1, 2)  # (B, h*w, 1280)
+        return (t - self.mu) @ self.proj
 
 
 def load_sets(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -129,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-epochs", type=float, default=0.2)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--mixup", type=float, default=0.5, help="fraction of each batch mixed with another image")
+    ap.add_argument("--feature-loss", type=float, default=0.0,
+                    help="weight of a per-token MSE to the teacher's features (TokenTarget); 0: logits only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=CACHE / "distill" / HYBRID_NAME.split(".")[0])
@@ -160,11 +206,17 @@ def augment(feats: torch.Tensor, gen: torch.Generator, mixup: float) -> torch.Te
 
 
 def _step(model: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, feats: torch.Tensor,
-          args: argparse.Namespace, gen: torch.Generator) -> float:
+          args: argparse.Namespace, gen: torch.Generator, tokens: TokenTarget | None = None,
+          reg: nn.Module | None = None) -> float:
     x = augment(feats, gen, args.mixup)
     with torch.no_grad():
         target = teacher_head(teacher, x)[0]  # the teacher's answer for exactly this input
-    loss = distill_loss(model(x), target, args.temperature)
+    if tokens is None:
+        loss = distill_loss(model(x), target, args.temperature)
+    else:
+        out = model.forward_features(x)  # (B, h*w, D)
+        loss = (distill_loss(model.forward_head(out), target, args.temperature)
+                + args.feature_loss * F.mse_loss(reg(out), tokens(x)))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -175,6 +227,11 @@ def fit(model: nn.Module, train: dict[str, torch.Tensor], evals: dict, args: arg
     """Train in place (stem bypassed), checkpointing every epoch to <cache>/ckpt.pt; returns the epoch log."""
     opt = adamw(model, args.lr, args.weight_decay)
     teacher = lite0_teacher().eval()
+    tokens = reg = None
+    if args.feature_loss:
+        dim = model.num_features
+        tokens, reg = TokenTarget(teacher, train, dim), nn.Linear(dim, dim)  # reg: trained, not kept
+        opt.add_param_group({"params": list(reg.parameters()), "weight_decay": 0.0})
     gen = torch.Generator().manual_seed(args.seed)
     n, bs = len(train["feats"]), args.batch_size
     per_epoch = n // bs
@@ -183,6 +240,8 @@ def fit(model: nn.Module, train: dict[str, torch.Tensor], evals: dict, args: arg
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: rng state inside
         model.load_state_dict(state["model"])
+        if reg is not None:
+            reg.load_state_dict(state["reg"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         start, log, before = state["epoch"], state["log"], state.get("seconds", 0.0)
@@ -195,7 +254,7 @@ def fit(model: nn.Module, train: dict[str, torch.Tensor], evals: dict, args: arg
             idx = perm[k * bs:(k + 1) * bs]
             step = epoch * per_epoch + k
             set_lr(opt, lr_at(step, total, warmup, args.lr, warmup_lr=0.0, min_lr=0.0))
-            running += _step(model, teacher, opt, train["feats"][idx], args, gen)
+            running += _step(model, teacher, opt, train["feats"][idx], args, gen, tokens, reg)
             done = step + 1 - start * per_epoch
             eta = (time.time() - t0) / done * (total - step - 1)
             progress.step(epoch, k, {"loss": f"{running / (k + 1):.3f}"}, eta)
@@ -207,7 +266,8 @@ def fit(model: nn.Module, train: dict[str, torch.Tensor], evals: dict, args: arg
         progress.epoch(record)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "epoch": epoch + 1, "log": log, "seconds": before + time.time() - t0}, tmp)
+                    "epoch": epoch + 1, "log": log, "seconds": before + time.time() - t0,
+                    "reg": reg.state_dict() if reg is not None else None}, tmp)
         tmp.replace(ckpt)
     progress.close()
     return log

@@ -6,6 +6,7 @@ classifier from the pinned wheel) and writes into tmp folders only, never the sh
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -82,3 +83,34 @@ def test_rank_ceiling_is_exact_at_full_rank_and_lower_when_narrow() -> None:
     evals = {"eval": {"logits": sets[1][0], "pooled": sets[1][1]}}
     out = distill.rank_ceiling(train, evals, [2, 1000], lam=1e-6)
     assert out[1000]["eval"] >= 0.95 and out[2]["eval"] < out[1000]["eval"] - 0.2
+
+
+def test_token_targets_average_to_the_rank_d_readout_and_follow_the_tokens() -> None:
+    # The teacher is per token until its pooling, so the per-token targets' mean must be exactly the
+    # rank-D readout of the pooled features, and flipping the grid must flip the targets with it.
+    teacher = lite0_teacher().eval()
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(400, 320, 4, 4, generator=gen) * 3
+    with torch.no_grad():
+        logits, pooled = teacher_head(teacher, feats)
+    target = distill.TokenTarget(teacher, {"logits": logits, "pooled": pooled}, dim=16)
+    z = target(feats[:8])
+    assert z.shape == (8, 16, 16)
+    readout = (pooled[:8] - target.mu) @ target.proj
+    assert torch.allclose(z.mean(1), readout, atol=1e-4)  # fp32 sums over 1280 features
+    flipped = target(feats[:8].flip(3)).view(8, 4, 4, 16)
+    assert torch.allclose(flipped, z.view(8, 4, 4, 16).flip(2), atol=1e-5)
+    assert not torch.allclose(flipped, z.view(8, 4, 4, 16), atol=1e-3)
+
+
+def test_pretrain_with_the_feature_loss_trains_and_resumes(tmp_path: Path) -> None:
+    _fake_cache(tmp_path / "cache")
+    common = ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--batch-size", "16",
+              "--threads", "1", "--warmup-epochs", "0", "--feature-loss", "1.0", "--no-ridge-head"]
+    assert distill.main(common + ["--epochs", "1"]) == 0
+    ckpt = torch.load(tmp_path / "cache" / "ckpt.pt", weights_only=False)
+    assert ckpt["reg"] is not None  # the regressor is resumed with the student, not redrawn
+    assert distill.main(common + ["--epochs", "2", "--resume"]) == 0
+    card = json.loads((tmp_path / "out" / "hybrid_model_card.json").read_text())
+    assert [r["epoch"] for r in card["log"]] == [1, 2] and card["recipe"]["feature_loss"] == 1.0
+    assert all(math.isfinite(r["loss"]) for r in card["log"])

@@ -2,11 +2,12 @@
 
     python -m trainer.stem_cache --out .cache/distill/vit_hybrid_efflite0_128     # pretraining's set
 
-The stem (EfficientNet-Lite0 up to stride 32) comes before every adapter and never trains, so its
-output for an image is computed once and kept in git-ignored shards of `SHARD` images:
-`feats` (N, 320, 4, 4) fp16, and for distillation the teacher's ImageNet `logits` (N, 1000) and
-pooled features `pooled` (N, 1280), fp16, computed from the same stem output (the teacher is the
-stem plus its conv head). A finished shard is never recomputed, so an interrupted run resumes.
+The stem (EfficientNet-Lite0's body up to stride 32, then its 1×1 conv head) comes before every
+adapter and never trains, so the costly part, the body's output for an image, is computed once and
+kept in git-ignored shards of `SHARD` images: `feats` (N, 320, 4, 4) fp16 (`FrozenStem` applies the
+cheap conv head to them), and for distillation the teacher's ImageNet `logits` (N, 1000) and pooled
+features `pooled` (N, 1280), fp16, computed from the same body output. A finished shard is never
+recomputed, so an interrupted run resumes.
 
 Distillation images (never a split any task evaluates on): CIFAR-10 train, Fashion-MNIST train,
 the hymenoptera train photos (the eval view plus timm-augmented views). Evaluation sets for the
@@ -57,7 +58,7 @@ def teacher_head(teacher: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.inference_mode()
 def _encode(stem: nn.Module, teacher: nn.Module | None, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    feats = stem(x.contiguous(memory_format=torch.channels_last)).contiguous()
+    feats = stem.body(x.contiguous(memory_format=torch.channels_last)).contiguous()  # (N, 320, h, w)
     out = {"feats": feats.half()}
     if teacher is not None:
         logits, pooled = teacher_head(teacher, feats)
@@ -186,8 +187,9 @@ def frozen_stem(model: nn.Module) -> nn.Module | None:
 
 
 def _stem_key(stem: nn.Module) -> str:
+    # The body's weights: what the cached features are the output of (the conv head runs on them later).
     h = hashlib.sha256()
-    for name, t in sorted(stem.state_dict().items()):
+    for name, t in sorted((k, v) for k, v in stem.state_dict().items() if k.startswith("model.")):
         h.update(name.encode())
         h.update(t.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -196,10 +198,10 @@ def _stem_key(stem: nn.Module) -> str:
 class CachedStemDataset(Dataset):
     """A trainer `ImageDataset` with a deterministic transform, as the frozen stem's features.
 
-    Each image goes through the stem once; its features (fp16, ~10 KB) are kept under
-    `cache/<sha1 of real path, mtime, size, transform, stem weights>.pt`, so every run on the same
-    files (grid points, the refit, the test split) shares them. `FrozenStem` passes such features
-    through, so the model is the same one that serves images.
+    Each image goes through the stem's body once; its features (fp16, ~10 KB) are kept under
+    `cache/<sha1 of real path, mtime, size, transform, body weights>.pt`, so every run on the same
+    files (grid points, the refit, the test split) shares them. `FrozenStem` takes such features
+    from its body's output on (its conv head still runs), so the model is the one that serves images.
 
     Args:
         base: The dataset of (path, label) samples and its transform (no randomness).
@@ -218,7 +220,7 @@ class CachedStemDataset(Dataset):
             idx = missing[start:start + batch_size]
             x = torch.stack([base[i][0] for i in idx]).to(next(stem.parameters()).device)
             with torch.inference_mode():
-                feats = stem.eval()(x.contiguous(memory_format=torch.channels_last)).contiguous().half().cpu()
+                feats = stem.eval().body(x.contiguous(memory_format=torch.channels_last)).contiguous().half().cpu()
             for i, feat in zip(idx, feats, strict=True):
                 tmp = files[i].with_suffix(".tmp")
                 torch.save(feat.clone(), tmp)  # clone: a view would save the whole batch's storage

@@ -61,6 +61,9 @@ def test_loads_offline_with_the_wheels_stem_and_the_shipped_blocks(hybrid: torch
     wheel = lite0_state_dict()
     for k, v in stem.model.state_dict().items():
         assert torch.equal(v, wheel[k]), k
+    for k, v in stem.state_dict().items():  # the conv head too (stored under its own name)
+        if not k.startswith("model."):
+            assert torch.equal(v, wheel[k]), k
     with safe_open(str(HYBRID_WEIGHTS), "pt") as f:
         assert torch.equal(hybrid.blocks[0].attn.qkv.weight, f.get_tensor("blocks.0.attn.qkv.weight").float())
     random_init = timm.create_model(HYBRID_NAME.split(".")[0], pretrained=False)
@@ -79,7 +82,7 @@ def test_stem_stays_frozen_and_in_eval_while_the_model_trains(hybrid: torch.nn.M
     model = timm.create_model(HYBRID_NAME.split(".")[0], pretrained=False)
     model.train()
     stem = model.patch_embed.backbone
-    assert not any(m.training for m in stem.model.modules())  # BN keeps ImageNet's statistics
+    assert not any(m.training for m in stem.modules())  # BN (body and conv head) keeps ImageNet's statistics
     assert not any(p.requires_grad for p in stem.parameters())
     assert any(p.requires_grad for p in model.blocks.parameters())
 
@@ -108,13 +111,20 @@ def test_cached_stem_features_give_the_same_output_as_images(hybrid: torch.nn.Mo
     assert torch.equal(again.feats, ds.feats)  # read back, not recomputed differently
 
 
-def test_teacher_is_the_stem_plus_its_head() -> None:
+def test_teacher_is_the_stems_body_plus_its_head_and_the_stem_ends_at_the_conv_head() -> None:
     teacher = lite0_teacher()
     stem = timm.create_model(HYBRID_NAME.split(".")[0], pretrained=False).patch_embed.backbone
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
-        logits, pooled = teacher_head(teacher, stem(x))
+        body = stem.body(x)
+        logits, pooled = teacher_head(teacher, body)
         assert torch.allclose(logits, teacher(x), atol=1e-4) and pooled.shape == (2, 1280)
+        # the stem's output is the teacher's last feature map (every convolution), from images or cached body
+        # features alike; pooled, it is the teacher's pre-logits
+        out = stem(x)
+        assert out.shape == (2, 1280, 4, 4) and torch.equal(stem(body), out)
+        assert torch.allclose(out.mean((2, 3)), teacher.forward_head(teacher.forward_features(x), pre_logits=True),
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("train_on", ["pico", "hybrid"])

@@ -62,10 +62,11 @@ def test_pretrain_trains_resumes_and_writes_weights_and_card(tmp_path: Path) -> 
               "--threads", "1", "--warmup-epochs", "0"]
     assert distill.main(common + ["--epochs", "1", "--no-ridge-head"]) == 0
     first = json.loads((tmp_path / "out" / "hybrid_model_card.json").read_text())
-    assert [r["epoch"] for r in first["log"]] == [1]
-    assert distill.main(common + ["--epochs", "2", "--resume"]) == 0  # continues at epoch 2
+    assert [r["epoch"] for r in first["log"]] == [0, 1]  # epoch 0: the readout init, before any step
+    assert "agree_eval_cifar_test" in first["log"][0]
+    assert distill.main(common + ["--epochs", "2", "--resume"]) == 0  # continues at epoch 2, no new init
     card = json.loads((tmp_path / "out" / "hybrid_model_card.json").read_text())
-    assert [r["epoch"] for r in card["log"]] == [1, 2] and card["log"][0] == first["log"][0]
+    assert [r["epoch"] for r in card["log"]] == [0, 1, 2] and card["log"][:2] == first["log"]
     assert 0.0 <= card["agreement"]["cifar10_test"] <= 1.0 and card["recipe"]["mixup"] == 0.5
     weights = load_file(str(tmp_path / "out" / HYBRID_WEIGHTS.name))
     assert weights and not any(k.startswith("patch_embed.backbone.") for k in weights)
@@ -112,5 +113,25 @@ def test_pretrain_with_the_feature_loss_trains_and_resumes(tmp_path: Path) -> No
     assert ckpt["reg"] is not None  # the regressor is resumed with the student, not redrawn
     assert distill.main(common + ["--epochs", "2", "--resume"]) == 0
     card = json.loads((tmp_path / "out" / "hybrid_model_card.json").read_text())
-    assert [r["epoch"] for r in card["log"]] == [1, 2] and card["recipe"]["feature_loss"] == 1.0
-    assert all(math.isfinite(r["loss"]) for r in card["log"])
+    assert [r["epoch"] for r in card["log"]] == [0, 1, 2] and card["recipe"]["feature_loss"] == 1.0
+    assert all(math.isfinite(r["loss"]) for r in card["log"][1:])  # epoch 0 (the init) has no loss
+
+
+def test_readout_init_starts_the_student_near_the_teacher() -> None:
+    # The stem ends at the teacher's conv head, so the init (projection = the teacher's rank-D readout,
+    # head fitted in closed form) must already agree with the teacher far above a random student.
+    import timm
+
+    teacher = lite0_teacher().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        feats = torch.rand(1200, 320, 4, 4, generator=gen) * 3
+        logits, pooled = teacher_head(teacher, feats)
+    train = {"feats": feats[:1000], "logits": logits[:1000], "pooled": pooled[:1000]}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_hybrid_efflite0_128", pretrained=False)
+    before = distill.agreement(model, feats[1000:], logits[1000:])
+    fitted = distill.readout_init(model, train)
+    after = distill.agreement(model, feats[1000:], logits[1000:])
+    assert fitted["ridge_head_kept"] and torch.count_nonzero(model.pos_embed) == 0
+    assert before < 0.05 and after > 0.6, (before, after)  # measured 0.00 -> 0.855 on these random features

@@ -94,6 +94,18 @@ def reduced_rank(train: dict[str, torch.Tensor], lam: float = 1e-3) -> tuple[tor
     return mu, w, mean, v
 
 
+def readout_map(train: dict[str, torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu (1280,), P (1280, D)): the teacher's pooled features f map to (f - mu) @ P, the D directions
+    its logits' reduced-rank readout uses most (`reduced_rank`; fewer images than D: the rest are 0).
+
+    Args:
+        train: Cached training set with `pooled` and `logits`.
+        dim: D.
+    """
+    mu, w, _, v = reduced_rank(train)
+    return mu, F.pad(w[:-1] @ v[:dim].T, (0, max(0, dim - len(v))))
+
+
 @torch.no_grad()
 def rank_ceiling(train: dict[str, torch.Tensor], evals: dict[str, dict[str, torch.Tensor]], ranks: list[int],
                  lam: float = 1e-3) -> dict[int, dict[str, float]]:
@@ -120,7 +132,7 @@ def rank_ceiling(train: dict[str, torch.Tensor], evals: dict[str, dict[str, torc
 class TokenTarget(nn.Module):
     """Per-token targets from the teacher: its 1x1-conv features of each token, mapped to D dimensions.
 
-    The teacher after the stem is per token (1x1 conv, BN, ReLU6) until the pooling, so each of the
+    The teacher after its body is per token (1x1 conv, BN, ReLU6) until the pooling, so each of the
     student's output tokens gets its own target: the teacher's 1280 features of that token mapped by
     the reduced-rank readout (`reduced_rank`) onto the D directions its logits use most. Their mean
     over tokens is exactly the rank-D readout of the pooled features, so a student whose tokens match
@@ -135,8 +147,7 @@ class TokenTarget(nn.Module):
 
     def __init__(self, teacher: nn.Module, train: dict[str, torch.Tensor], dim: int):
         super().__init__()
-        mu, w, _, v = reduced_rank(train)
-        proj = F.pad(w[:-1] @ v[:dim].T, (0, max(0, dim - len(v))))  # (1280, D); < D images: the rest target 0
+        mu, proj = readout_map(train, dim)  # (1280,), (1280, D)
         z = (train["pooled"].float() - mu) @ proj
         self.teacher = teacher
         self.register_buffer("mu", mu)
@@ -168,8 +179,7 @@ def readout_init(model: nn.Module, train: dict[str, torch.Tensor]) -> dict[str, 
     """
     proj = model.patch_embed.proj  # Conv2d(1280, D, 1)
     dim = proj.out_channels
-    mu, w, _, v = reduced_rank(train)
-    p = F.pad(w[:-1] @ v[:dim].T, (0, max(0, dim - len(v))))  # (1280, D)
+    mu, p = readout_map(train, dim)  # (1280,), (1280, D)
     proj.weight.copy_(p.T[:, :, None, None])
     proj.bias.copy_(-mu @ p)
     model.pos_embed.zero_()
